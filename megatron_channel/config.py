@@ -1,0 +1,65 @@
+"""Channel configuration: which data sources get their own loss curve."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Metric keys travel through TensorBoard and W&B tag paths, so whitespace and
+# "/" (a tag separator) would split one curve into several.
+_BAD_KEY_CHARS = re.compile(r"[\s/]")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Ordered channel names; a channel's id is its position (0..K-1).
+
+    Attributes:
+        channels: channel names, e.g. ``("math", "code", "chat")``.
+        prefix: metric key prefix; the key of channel ``name`` is ``prefix + name``.
+    """
+
+    channels: tuple[str, ...]
+    prefix: str = "loss_"
+    _ids: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if isinstance(self.channels, str):
+            raise ValueError(
+                f"channels must be a list of names, not the string {self.channels!r}; "
+                f"write channels=[{self.channels!r}]"
+            )
+        names = tuple(self.channels)
+        if not names:
+            raise ValueError("channels is empty: give at least one channel name")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"channels[{i}] = {name!r}: a channel name must be a non-empty string")
+            if _BAD_KEY_CHARS.search(self.prefix + name):
+                raise ValueError(
+                    f"channels[{i}] = {name!r}: metric key {self.prefix + name!r} contains "
+                    "whitespace or '/'; use letters, digits, '_', '-' or '.'"
+                )
+            if name in seen:
+                raise ValueError(
+                    f"channels[{i}] = {name!r} duplicates channels[{seen[name]}]; names must be unique"
+                )
+            seen[name] = i
+        object.__setattr__(self, "channels", names)
+        object.__setattr__(self, "_ids", seen)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    def channel_id(self, name: str) -> int:
+        """Id of channel ``name``; ``KeyError`` naming the known channels if absent."""
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise KeyError(f"unknown channel {name!r}; known channels: {list(self.channels)}") from None
+
+    def metric_keys(self) -> list[str]:
+        """``[prefix + name, ...]`` in channel order."""
+        return [self.prefix + name for name in self.channels]

@@ -1,0 +1,66 @@
+"""``make_forward_step``: a drop-in Megatron ``forward_step`` that reports per-channel loss."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron.core.utils import get_attr_wrapped_model
+
+from .batch import BatchLayout, Topology, get_model_inputs
+from .config import ChannelConfig
+from .loss import channel_loss_func
+
+
+def model_device(model) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def make_forward_step(config: ChannelConfig, layout: BatchLayout | None = None, *, validate: bool = True):
+    """Build ``forward_step(data_iterator, model)`` for ``megatron.training.pretrain``.
+
+    The data iterator yields dicts with ``tokens``, ``labels``, ``loss_mask``,
+    ``position_ids`` (all ``[b, s]``), optionally ``attention_mask`` ``[b, 1, s, s]``,
+    ``cu_seqlens`` / ``cu_seqlens_padded`` ``[b, L]`` for packed rows, and ``channels``:
+    ``[b]`` (one id per row) or ``[b, >= L - 1]`` (one id per packed sequence), -1 = untracked.
+
+    Args:
+        config: channel names and metric prefix.
+        layout: fixed batch shapes. Needed with tensor parallelism, where TP ranks other
+            than 0 receive the batch; default there is ``BatchLayout.from_megatron_args()``.
+            Without TP the batch's own shapes are used.
+        validate: check channel ids and ``cu_seqlens`` on TP rank 0 while the batch is
+            still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
+
+    Returns:
+        ``forward_step(data_iterator, model, return_schedule_plan=False)`` returning
+        ``(output_tensor, loss_func)`` with ``loss_func`` a partial of ``channel_loss_func``.
+    """
+
+    def forward_step(data_iterator, model, return_schedule_plan: bool = False, **_unused):
+        topo = Topology.current(get_attr_wrapped_model(model, "vp_stage", allow_none=True))
+        batch_layout = layout
+        if batch_layout is None and topo.tp_size > 1:
+            batch_layout = BatchLayout.from_megatron_args()
+        inputs = get_model_inputs(data_iterator, config, batch_layout, topo, model_device(model), validate)
+        args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
+        kwargs = dict(labels=inputs.labels, packed_seq_params=inputs.packed_seq_params)
+        if return_schedule_plan:
+            output = get_attr_wrapped_model(model, "build_schedule_plan")(*args, **kwargs)
+        else:
+            output = model(*args, **kwargs)
+        loss_func = partial(
+            channel_loss_func,
+            loss_mask=inputs.loss_mask,
+            channels=inputs.channels,
+            config=config,
+            packed_seq_params=inputs.packed_seq_params,
+            cp_size=topo.cp_size,
+            validate=False,
+        )
+        return output, loss_func
+
+    return forward_step

@@ -1,0 +1,109 @@
+"""The loss function: Megatron's stock ``(loss, num_tokens, metrics)`` plus one entry per channel."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from .config import ChannelConfig
+from .segments import channel_totals, local_boundaries, segment_sums
+from .validate import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
+
+
+def packed_boundaries(packed_seq_params: PackedSeqParams) -> Tensor:
+    """``[N + 1]`` global sequence boundaries of a THD batch: the padded ones when set."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    if cu is None:
+        raise ValueError("packed_seq_params has neither cu_seqlens_q_padded nor cu_seqlens_q")
+    if cu.dim() == 2 and cu.shape[0] == 1:
+        cu = cu[0]
+    return cu
+
+
+def default_cp_size() -> int:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_context_parallel_world_size()
+    return 1
+
+
+def channel_loss_func(
+    output_tensor: Tensor,
+    *,
+    loss_mask: Tensor,
+    channels: Tensor,
+    config: ChannelConfig,
+    packed_seq_params: PackedSeqParams | None = None,
+    cp_size: int | None = None,
+    validate: bool | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron's stock GPT loss, with a ``[loss_sum, token_count]`` metric per channel.
+
+    Args:
+        output_tensor: per-token losses from ``GPTModel(..., labels=labels)``: ``[b, s]``,
+            or ``[1, T_local]`` for packed (THD) rows.
+        loss_mask: same number of elements as ``output_tensor``.
+        channels: integer channel ids, ``-1`` = untracked. Unpacked: ``[b]``, one per row.
+            Packed: one per sequence of ``cu_seqlens`` in order (``>= N`` entries; extra ones
+            are padding slots and ignored).
+        config: the channel names and metric prefix.
+        packed_seq_params: THD metadata; boundaries come from ``cu_seqlens_q_padded`` when
+            set, else ``cu_seqlens_q`` (global, before any context-parallel cut).
+        cp_size: context-parallel size; defaults to ``parallel_state``'s.
+        validate: check ``channels`` and ``cu_seqlens`` values on the host. Default: only
+            when ``channels`` is a CPU tensor. Checks read values, so never turn them on for
+            GPU tensors in a training loop; validate where the batch is built instead.
+
+    Returns:
+        ``loss`` (float32 scalar) and ``num_tokens`` (int32 scalar), bitwise Megatron's stock
+        values, and ``metrics``: ``"lm loss"`` -> ``[sum, count]`` as stock, then for every
+        channel in config order ``prefix + name`` -> float32 ``[2]`` ``[sum, count]`` on this
+        rank (``[0, 0]`` when absent). The key set never changes, so every microbatch on every
+        rank reports the same keys in the same order.
+    """
+    # Exactly Megatron's stock loss_func, so tracking channels cannot change training.
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    masked_losses = losses * mask
+    loss = torch.sum(masked_losses)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    metrics = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+
+    if validate is None:
+        validate = isinstance(channels, Tensor) and channels.device.type == "cpu"
+    if validate:
+        check_channel_ids(channels, config.num_channels)
+        if loss_mask.numel() != output_tensor.numel():
+            raise ValueError(
+                f"loss_mask has {loss_mask.numel()} elements but output_tensor has "
+                f"{output_tensor.numel()}; they must cover the same tokens"
+            )
+
+    masked_losses = masked_losses.detach()
+    if packed_seq_params is None:
+        rows = output_tensor.shape[0]
+        if validate:
+            check_row_channels(channels, rows)
+        segment_channels = channels.view(-1)
+        segment_stats = torch.stack(
+            [masked_losses.view(rows, -1).sum(1, dtype=torch.float64), mask.view(rows, -1).sum(1, dtype=torch.float64)],
+            dim=1,
+        )
+    else:
+        cp = default_cp_size() if cp_size is None else cp_size
+        cu = packed_boundaries(packed_seq_params)
+        if validate:
+            check_cu_seqlens(cu, losses.numel() * cp, cp_size=cp)
+            check_packed_channels(channels, cu)
+        bounds = local_boundaries(cu, cp)
+        segment_channels = channels.reshape(-1)[: cu.numel() - 1]
+        segment_stats = torch.stack([segment_sums(masked_losses, bounds), segment_sums(mask, bounds)], dim=1)
+
+    totals = channel_totals(segment_stats, segment_channels, config.num_channels)
+    metrics.update(zip(config.metric_keys(), totals.unbind(0)))
+    return loss, num_tokens, metrics

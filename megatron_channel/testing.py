@@ -1,0 +1,178 @@
+"""Running real Megatron-Core on a CPU over gloo: the shims, for tests and the CPU demo.
+
+Megatron-Core's model code runs on a CPU except for three CUDA assumptions, patched here
+and nowhere else:
+
+1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer (used by sequence/tensor
+   parallel all-gathers) on ``torch.cuda.current_device()``: ``install_cpu_shims`` makes it
+   allocate on the CPU.
+2. The CUDA RNG tracker forks CUDA generator state: ``init_parallel`` installs Megatron's
+   own CPU-capable inference tracker instead.
+3. RoPE and the fused kernels call CUDA: ``tiny_gpt`` uses learned absolute positions and
+   the local (non-Transformer-Engine) layer spec.
+
+The local attention asserts ``packed_seq_params is None``; ``block_causal_mask`` builds the
+equivalent block-diagonal causal mask so a packed row can run on a CPU.
+Nothing else of Megatron is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+
+_SHIMS_INSTALLED = False
+
+
+def install_cpu_shims() -> None:
+    """Make ``GlobalMemoryBuffer.get_tensor`` allocate on the CPU (idempotent)."""
+    global _SHIMS_INSTALLED
+    if _SHIMS_INSTALLED:
+        return
+    import operator
+    from functools import reduce
+
+    from megatron.core import utils as core_utils
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        required = reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < required:
+            buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
+        return buf[:required].view(*tensor_shape)
+
+    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
+    _SHIMS_INSTALLED = True
+
+
+def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
+    """Megatron's ``parallel_state`` over the already-initialized gloo default group."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    install_cpu_shims()
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
+    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    torch.manual_seed(seed)
+
+
+def tiny_gpt_config(tp: int = 1, pp: int = 1, cp: int = 1, hidden: int = 32, layers: int = 2, heads: int = 4):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+def tiny_gpt(vocab_size: int = 64, seq_length: int = 32, **config_kwargs):
+    """A small real ``GPTModel`` that runs on the CPU (local spec, learned positions)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = tiny_gpt_config(**config_kwargs)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        position_embedding_type="learned_absolute",
+        parallel_output=True,
+    )
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """``[1, 1, s, s]`` bool mask (True = masked) equal to THD attention over ``cu_seqlens``.
+
+    Token ``q`` sees token ``k`` iff both are in the same sequence and ``k <= q``. Tokens
+    after the last boundary form one more sequence.
+    """
+    pos = torch.arange(seq_length)
+    seq_id = torch.searchsorted(cu_seqlens.long().reshape(-1), pos, right=True)
+    same = seq_id[:, None] == seq_id[None, :]
+    causal = pos[None, :] <= pos[:, None]
+    return ~(same & causal)[None, None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # reported to the parent, which raises it
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; return results by rank.
+
+    Raises ``RuntimeError`` with the failing rank's traceback, or ``TimeoutError`` (after
+    killing every process) if the ranks do not all finish in ``timeout`` seconds.
+    """
+    import queue as queue_module
+    import time
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    results_queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results_queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, object] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in {timeout}s")
+            try:
+                rank, status, payload = results_queue.get(timeout=min(remaining, 1.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world_size)]

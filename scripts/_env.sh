@@ -1,0 +1,40 @@
+# Sourced by test.sh and demo.sh: make .venv with Python 3.12 and install the package once.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+find_python312() {
+    local candidates=("${PYTHON:-}" python3.12 python3)
+    if command -v pyenv >/dev/null 2>&1; then
+        candidates+=("$(pyenv root)"/versions/3.12*/bin/python3.12)
+    fi
+    candidates+=(/usr/bin/python3.12 /usr/local/bin/python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12)
+    for py in "${candidates[@]}"; do
+        [ -n "$py" ] || continue
+        # A pyenv shim exists but refuses to run unless 3.12 is selected: run it to be sure.
+        if "$py" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1; then
+            command -v "$py" 2>/dev/null || echo "$py"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+    PY="$(find_python312)" || {
+        echo "error: no working Python 3.12 found (megatron-core 0.19 needs it)." >&2
+        echo "Install Python 3.12 or point PYTHON=/path/to/python3.12 at one." >&2
+        exit 1
+    }
+    echo "creating $VENV with $PY"
+    "$PY" -m venv "$VENV"
+fi
+
+STAMP="$VENV/.installed"
+if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+cd "$ROOT"

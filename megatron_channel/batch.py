@@ -174,41 +174,45 @@ def check_raw_batch(raw: dict, keys: list[str], layout: BatchLayout, config: Cha
             f"batch {'has' if raw.get('cu_seqlens') is not None else 'lacks'} 'cu_seqlens' but the "
             f"layout says packed={layout.packed}; set BatchLayout(packed=...) (or --sft) to match the data"
         )
+    for key in keys:
+        if not isinstance(raw.get(key), Tensor):
+            raise ChannelBatchError(f"batch field '{key}' is missing or not a tensor")
+    rows = layout.micro_batch_size
+    for key in ("channels", "cu_seqlens", "cu_seqlens_padded"):
+        if layout.packed and key in keys and raw[key].numel() % rows:
+            raise ChannelBatchError(
+                f"batch field '{key}' has shape {list(raw[key].shape)}, which does not split into "
+                f"{rows} rows (micro_batch_size); give it shape [{rows}, ...]"
+            )
+    if "channels" in keys and value_on_cpu(raw["channels"]):
+        check_channel_ids(raw["channels"], config.num_channels)
+        if layout.packed:
+            check_packed_channels(raw["channels"].reshape(rows, -1), raw["cu_seqlens"].reshape(rows, -1))
+        else:
+            check_row_channels(raw["channels"], rows)
+    for key in ("cu_seqlens", "cu_seqlens_padded"):
+        if key in keys and value_on_cpu(raw[key]):
+            check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size, exact_end=True, name=key)
+    if not layout.packed and cp_size > 1 and layout.seq_length % (2 * cp_size):
+        raise ChannelBatchError(
+            f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
+        )
+
+    # Tensor-parallel receivers allocate from the layout, so every shape must match it exactly.
     shapes = layout.shapes()
     for key in keys:
-        value = raw.get(key)
-        if not isinstance(value, Tensor):
-            raise ChannelBatchError(f"batch field '{key}' is missing or not a tensor")
-        expected = shapes[key]
+        value, expected = raw[key], shapes[key]
         if key == "channels" and layout.packed:
-            rows, slots = expected
-            ok = value.numel() % rows == 0 and value.numel() // rows >= slots
+            ok = value.numel() % expected[0] == 0 and value.numel() // expected[0] >= expected[1]
+            wanted = f"[{expected[0]}, >= {expected[1]}]"
         elif key in ("cu_seqlens", "cu_seqlens_padded"):
-            ok = value.numel() == expected[0] * expected[1]
+            ok, wanted = value.numel() == expected[0] * expected[1], str(list(expected))
         else:
-            ok = tuple(value.shape) == expected
+            ok, wanted = tuple(value.shape) == expected, str(list(expected))
         if not ok:
-            wanted = f"[{expected[0]}, >= {expected[1]}]" if key == "channels" and layout.packed else str(list(expected))
             raise ChannelBatchError(
                 f"batch field '{key}' has shape {list(value.shape)}, expected {wanted} "
                 "(from micro_batch_size, seq_length and cu_seqlens_length of the BatchLayout)"
-            )
-    if value_on_cpu(raw.get("channels")):
-        check_channel_ids(raw["channels"], config.num_channels)
-    if layout.packed:
-        for key in ("cu_seqlens", "cu_seqlens_padded"):
-            if key in keys and value_on_cpu(raw[key]):
-                check_cu_seqlens(raw[key].reshape(layout.micro_batch_size, -1), layout.seq_length,
-                                 cp_size=cp_size, exact_end=True, name=key)
-        if "channels" in keys:
-            rows = layout.micro_batch_size
-            check_packed_channels(raw["channels"].reshape(rows, -1), raw["cu_seqlens"].reshape(rows, -1))
-    else:
-        if "channels" in keys:
-            check_row_channels(raw["channels"], layout.micro_batch_size)
-        if cp_size > 1 and layout.seq_length % (2 * cp_size):
-            raise ChannelBatchError(
-                f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
             )
 
 

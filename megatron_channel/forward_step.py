@@ -19,7 +19,13 @@ def model_device(model) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def make_forward_step(config: ChannelConfig, layout: BatchLayout | None = None, *, validate: bool = True):
+def make_forward_step(
+    config: ChannelConfig,
+    layout: BatchLayout | None = None,
+    *,
+    validate: bool = True,
+    pass_packed_seq_params: bool = True,
+):
     """Build ``forward_step(data_iterator, model)`` for ``megatron.training.pretrain``.
 
     The data iterator yields dicts with ``tokens``, ``labels``, ``loss_mask``,
@@ -47,7 +53,9 @@ def make_forward_step(config: ChannelConfig, layout: BatchLayout | None = None, 
             batch_layout = BatchLayout.from_megatron_args()
         inputs = get_model_inputs(data_iterator, config, batch_layout, topo, model_device(model), validate)
         args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
-        kwargs = dict(labels=inputs.labels, packed_seq_params=inputs.packed_seq_params)
+        kwargs = dict(labels=inputs.labels)
+        if pass_packed_seq_params:
+            kwargs["packed_seq_params"] = inputs.packed_seq_params
         if return_schedule_plan:
             output = get_attr_wrapped_model(model, "build_schedule_plan")(*args, **kwargs)
         else:

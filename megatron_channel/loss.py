@@ -55,8 +55,8 @@ def channel_loss_func(
         packed_seq_params: THD metadata; boundaries come from ``cu_seqlens_q_padded`` when
             set, else ``cu_seqlens_q`` (global, before any context-parallel cut).
         cp_size: context-parallel size; defaults to ``parallel_state``'s.
-        validate: check ``channels`` and ``cu_seqlens`` values on the host. Default: only
-            when ``channels`` is a CPU tensor. Checks read values, so never turn them on for
+        validate: check ``channels`` and ``cu_seqlens`` values on the host. Default: unless
+            ``channels`` is on a GPU. Checks read values, so never turn them on for
             GPU tensors in a training loop; validate where the batch is built instead.
 
     Returns:
@@ -66,16 +66,8 @@ def channel_loss_func(
         rank (``[0, 0]`` when absent). The key set never changes, so every microbatch on every
         rank reports the same keys in the same order.
     """
-    # Exactly Megatron's stock loss_func, so tracking channels cannot change training.
-    losses = output_tensor.view(-1).float()
-    mask = loss_mask.view(-1).float()
-    masked_losses = losses * mask
-    loss = torch.sum(masked_losses)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
-    metrics = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
-
     if validate is None:
-        validate = isinstance(channels, Tensor) and channels.device.type == "cpu"
+        validate = not (isinstance(channels, Tensor) and channels.device.type != "cpu")
     if validate:
         check_channel_ids(channels, config.num_channels)
         if loss_mask.numel() != output_tensor.numel():
@@ -83,6 +75,14 @@ def channel_loss_func(
                 f"loss_mask has {loss_mask.numel()} elements but output_tensor has "
                 f"{output_tensor.numel()}; they must cover the same tokens"
             )
+
+    # Exactly Megatron's stock loss_func, so tracking channels cannot change training.
+    losses = output_tensor.view(-1).float()
+    mask = loss_mask.view(-1).float()
+    masked_losses = losses * mask
+    loss = torch.sum(masked_losses)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    metrics = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
     masked_losses = masked_losses.detach()
     if packed_seq_params is None:

@@ -32,8 +32,13 @@ fi
 
 STAMP="$VENV/.installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+    echo "installing megatron_channel and its dependencies into $VENV (log: $VENV/install.log)"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+           "$VENV/bin/python" -m pip install -e "$ROOT[test]"; } >"$VENV/install.log" 2>&1; then
+        tail -n 30 "$VENV/install.log" >&2
+        echo "error: installation failed; see $VENV/install.log" >&2
+        exit 1
+    fi
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,81 @@
+"""The loss path never asks the host for a tensor value and never adds a collective.
+
+On a GPU each of those would stall the CPU until the GPU catches up. Here, on CPU tensors,
+every host-read entry point of ``torch.Tensor`` and every collective of ``torch.distributed``
+is replaced by a function that fails for the duration of the call, with ``validate=False``
+(the data-boundary checks are done where the batch is built, not in this path).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_channel import ChannelConfig, channel_loss_func
+
+HOST_READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero", "__len__"]
+COLLECTIVES = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
+               "reduce_scatter", "all_to_all", "barrier", "send", "recv", "gather", "scatter"]
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def forbid_host_sync():
+    saved = []
+
+    def forbid(owner, name):
+        def fail(*args, **kwargs):
+            raise HostSync(f"{name} called in the hot path")
+
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, fail)
+
+    for name in HOST_READS:
+        forbid(torch.Tensor, name)
+    for name in COLLECTIVES:
+        forbid(dist, name)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def test_the_guard_catches_what_it_forbids():
+    t = torch.ones(2)
+    with forbid_host_sync():
+        for bad in (lambda: t.sum().item(), lambda: t.tolist(), lambda: int(t[0]), lambda: bool(t[0]),
+                    lambda: float(t[0]), lambda: dist.all_reduce(t)):
+            with pytest.raises(HostSync):
+                bad()
+
+
+@pytest.mark.parametrize("cp_size", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_packed_loss_path_has_no_host_sync(cp_size, padded):
+    config = ChannelConfig([f"c{i}" for i in range(16)])
+    cu = torch.tensor([0, 8, 8, 40, 64, 64], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          cu_seqlens_q_padded=cu if padded else None)
+    losses = torch.rand(1, 64 // cp_size, requires_grad=True)
+    mask = (torch.rand(1, 64 // cp_size) > 0.3).float()
+    channels = torch.tensor([3, 0, 15, -1, 7, 2])
+    with forbid_host_sync():
+        loss, num_tokens, metrics = channel_loss_func(losses, loss_mask=mask, channels=channels, config=config,
+                                                      packed_seq_params=psp, cp_size=cp_size, validate=False)
+    assert len(metrics) == 17
+
+
+def test_unpacked_loss_path_has_no_host_sync():
+    config = ChannelConfig(["a", "b", "c"])
+    losses = torch.rand(4, 32, requires_grad=True)
+    with forbid_host_sync():
+        _, _, metrics = channel_loss_func(losses, loss_mask=torch.ones(4, 32), channels=torch.tensor([0, 2, -1, 2]),
+                                          config=config, validate=False)
+    assert list(metrics) == ["lm loss", "loss_a", "loss_b", "loss_c"]

@@ -41,7 +41,8 @@ class BatchLayout:
     Attributes:
         micro_batch_size: rows per microbatch (``--micro-batch-size``).
         seq_length: tokens per row (``--seq-length``).
-        packed: rows hold several sequences described by ``cu_seqlens`` (THD; ``--sft``).
+        packed: rows hold several sequences described by ``cu_seqlens`` (THD; ``--sft`` or
+            ``--dataloader-inter-document-masking``).
         cu_seqlens_length: ``cu_seqlens`` entries per row; default ``seq_length + 1``, the
             fixed length Megatron's SFT dataset pads to.
         cu_seqlens_padded: the batch also carries ``cu_seqlens_padded``.
@@ -71,7 +72,8 @@ class BatchLayout:
         return cls(
             micro_batch_size=args.micro_batch_size,
             seq_length=args.seq_length,
-            packed=bool(getattr(args, "sft", False)),
+            # Both put several documents in a row with cu_seqlens (THD).
+            packed=bool(getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False)),
             attention_mask=bool(getattr(args, "create_attention_mask_in_dataloader", False)),
         )
 

@@ -1,0 +1,381 @@
+"""Channel-loss settings from Megatron's command line, a channel YAML, or Megatron's --yaml-cfg.
+
+Five settings; each has a flag, and a YAML key equal to the flag's argparse ``dest``:
+
+* ``--channels NAME ...`` / ``channels``: ordered channel names; id = position.
+* ``--channel-loss-prefix`` / ``channel_loss_prefix``: metric key prefix (``loss_``).
+* ``--channel-field`` / ``channel_field``: the sample field with the channel name (``channel``).
+* ``--channels-from-blend [NAME ...]`` / ``channels_from_blend`` (``true`` or a list of
+  names): one channel per blend component (off by default).
+* ``--untracked-channels`` / ``untracked_channels``: what a sample without a known channel
+  gets: ``error`` (default), ``other`` (an extra last channel ``other``) or ``ignore`` (-1).
+
+Where they may be given (every setting in ONE place; giving one setting in two places is
+a ``ValueError`` naming both, because a silent precedence rule hides typos):
+
+* command-line flags, added to Megatron's parser by ``add_channel_args`` (use it as, or
+  inside, ``extra_args_provider``); the defaults are ``None`` so that "given" is visible;
+* ``--channel-config FILE.yaml``: a mapping with the YAML keys above, nothing else;
+* under Megatron's ``--yaml-cfg`` (which replaces argparse, so our flags are never parsed):
+  the same keys at the top level of that YAML, and/or in a ``channel_loss:`` section, and
+  ``channel_config: FILE.yaml`` at the top level. Megatron's ``validate_yaml`` does not
+  check for unknown keys, so both forms pass through it; we reject unknown keys in the
+  section and in the file, and top-level keys that start with ``channel`` but are not ours.
+
+``--channels-from-blend`` takes the blend of ``--data-path`` / ``--data-args-path``, or
+else the training blend of ``--train-data-path`` / ``--per-split-data-args-path``, split
+by Megatron's ``get_blend_and_blend_per_split``. Without NAMEs a component is named after
+its path (``blend_component_name``); with NAMEs, NAME i belongs to component i. With
+``--channels`` too, every blend name must be one of the channels (several components may
+share one); without it the channels are the distinct blend names in order. Blends of
+other splits map through ``ChannelSettings.blend_channel_ids`` by the same rules.
+
+``channel_settings_from_args(args)`` resolves and checks everything; call it right after
+Megatron parses its arguments so every mistake stops the run at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import posixpath
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import yaml
+
+from .config import ChannelConfig
+
+UNTRACKED_POLICIES = ("error", "other", "ignore")
+OTHER_CHANNEL = "other"
+SETTING_KEYS = ("channels", "channel_loss_prefix", "channel_field", "channels_from_blend", "untracked_channels")
+CONFIG_FILE_KEY = "channel_config"
+YAML_SECTION = "channel_loss"
+COMMAND_LINE = "command line"
+DEFAULTS = {"channel_loss_prefix": "loss_", "channel_field": "channel", "untracked_channels": "error"}
+# Suffixes of whole-file datasets (jsonl for SFT, Megatron's .bin/.idx pair). Only these are
+# stripped: an indexed-dataset prefix such as "web.v2_text_document" keeps its dots.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".bin", ".idx")
+
+FromBlend = None | Literal[True] | tuple[str, ...]
+
+
+class UntrackedChannelError(ValueError):
+    """A sample without a channel, or with an unknown one, under ``--untracked-channels error``."""
+
+
+def flag_of(key: str) -> str:
+    """``'channel_field'`` -> ``"--channel-field (YAML: channel_field)"``, for error messages."""
+    return f"--{key.replace('_', '-')} (YAML: {key})"
+
+
+def blend_component_name(path: str) -> str:
+    """Channel name of a blend component: its basename, without a data-file suffix.
+
+    ``/data/math_text_document`` -> ``math_text_document``; ``/d/chat.jsonl`` -> ``chat``.
+    """
+    base = posixpath.basename(str(path).rstrip("/"))
+    for suffix in DATA_FILE_SUFFIXES:
+        if base.endswith(suffix) and len(base) > len(suffix):
+            base = base[: -len(suffix)]
+            break
+    if not base:
+        raise ValueError(
+            f"blend component {path!r} has no file name to name its channel after; "
+            f"give names with {flag_of('channels_from_blend')}"
+        )
+    return base
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSettings:
+    """Resolved channel settings.
+
+    Attributes:
+        names: the user's channel names, ids 0..len-1 (``other`` is not among them).
+        prefix: metric key prefix.
+        field: the sample field that holds a sample's channel name.
+        from_blend: ``None`` (channels come from ``field``), ``True`` (one channel per blend
+            component, named after its path) or the component names in blend order.
+        untracked: ``error``, ``other`` (an extra last channel ``other``) or ``ignore`` (id -1).
+    """
+
+    names: tuple[str, ...]
+    prefix: str = DEFAULTS["channel_loss_prefix"]
+    field: str = DEFAULTS["channel_field"]
+    from_blend: FromBlend = None
+    untracked: str = DEFAULTS["untracked_channels"]
+    _config: ChannelConfig = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        names = _check_names(self.names, flag_of("channels"))
+        object.__setattr__(self, "names", names)
+        if self.untracked not in UNTRACKED_POLICIES:
+            raise ValueError(
+                f"{flag_of('untracked_channels')} = {self.untracked!r}; choose one of {list(UNTRACKED_POLICIES)}"
+            )
+        if not isinstance(self.field, str) or not self.field:
+            raise ValueError(f"{flag_of('channel_field')} = {self.field!r}; give a non-empty field name")
+        if not isinstance(self.prefix, str):
+            raise ValueError(f"{flag_of('channel_loss_prefix')} = {self.prefix!r}; give a string")
+        if self.from_blend is not None and self.from_blend is not True:
+            object.__setattr__(self, "from_blend", _check_names(self.from_blend, flag_of("channels_from_blend"),
+                                                                unique=False))
+        if self.untracked == "other" and OTHER_CHANNEL in names:
+            raise ValueError(
+                f"channel {OTHER_CHANNEL!r} in {flag_of('channels')} clashes with the channel that "
+                f"{flag_of('untracked_channels')} other adds; rename it, or use untracked 'error' or 'ignore'"
+            )
+        extra = (OTHER_CHANNEL,) if self.untracked == "other" else ()
+        config = ChannelConfig(names + extra, prefix=self.prefix)
+        object.__setattr__(self, "_config", config)
+        if isinstance(self.from_blend, tuple):
+            for name in self.from_blend:
+                self._blend_channel_id(name, f"blend name {name!r}")
+
+    def channel_config(self) -> ChannelConfig:
+        """The ``ChannelConfig``: ``names``, then ``other`` when ``untracked == 'other'``."""
+        return self._config
+
+    def channel_id(self, name: str | None, where: str = "") -> int:
+        """Id of a sample's channel name; ``None`` or ``""`` means the sample has none.
+
+        A missing or unknown name follows the untracked policy: ``error`` raises
+        ``UntrackedChannelError``, ``other`` returns the id of ``other``, ``ignore`` returns -1.
+        ``where`` (e.g. ``"/d/chat.jsonl line 7"``) is put in front of error messages.
+        """
+        at = f"{where}: " if where else ""
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"{at}sample field {self.field!r} = {name!r}; a channel name must be a string")
+        if name and name in self._config.channels:
+            return self._config.channel_id(name)
+        if self.untracked == "other":
+            return self._config.channel_id(OTHER_CHANNEL)
+        if self.untracked == "ignore":
+            return -1
+        if name:
+            problem, fix = f"has unknown channel {name!r}", f"add it to {flag_of('channels')}"
+        else:
+            problem, fix = f"has no channel (field {self.field!r} missing or empty)", "give it one"
+        raise UntrackedChannelError(
+            f"{at}sample {problem}; known channels: {list(self._config.channels)}. Either {fix}, or set "
+            f"{flag_of('untracked_channels')} to 'other' (count it as channel {OTHER_CHANNEL!r}) or "
+            "'ignore' (count it in lm loss only)"
+        )
+
+    def blend_channel_ids(self, component_paths: list[str]) -> list[int]:
+        """Channel id of every blend component, in blend order (``[len(component_paths)]``).
+
+        Component i is named ``from_blend[i]`` when names were given, else after its path;
+        the name must be a channel (``other`` included when that policy is on).
+        """
+        paths = [str(p) for p in component_paths]
+        if self.from_blend is None:
+            raise ValueError(
+                f"{flag_of('channels_from_blend')} is not set, so blend components have no channels; "
+                f"samples carry their channel in field {self.field!r}"
+            )
+        if self.from_blend is True:
+            names = [blend_component_name(p) for p in paths]
+        elif len(self.from_blend) != len(paths):
+            raise ValueError(
+                f"{flag_of('channels_from_blend')} names {len(self.from_blend)} components "
+                f"{list(self.from_blend)}, but the blend has {len(paths)}: {paths}; give one name per component"
+            )
+        else:
+            names = list(self.from_blend)
+        return [self._blend_channel_id(n, f"blend component {i} ({p!r}) is named {n!r}")
+                for i, (n, p) in enumerate(zip(names, paths))]
+
+    def _blend_channel_id(self, name: str, what: str) -> int:
+        if name not in self._config.channels:
+            raise ValueError(
+                f"{what}, which is not in {flag_of('channels')} {list(self._config.channels)}; add it "
+                f"there, or name the blend components with {flag_of('channels_from_blend')} NAME ..."
+            )
+        return self._config.channel_id(name)
+
+
+def _check_names(names: Any, source: str, *, unique: bool = True) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings, without repeats when ``unique``."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ValueError(f"{source} = {names!r}; give a list of names, e.g. [math, code]")
+    if not names:
+        raise ValueError(f"{source} is empty; give at least one name")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{source}[{i}] = {name!r}; names must be non-empty strings (quote it in YAML)")
+        if unique and name in names[:i]:
+            raise ValueError(f"{source} names {name!r} twice; give each channel once")
+    return tuple(names)
+
+
+class _StoreOnce(argparse.Action):
+    """Store like argparse does, but refuse a flag given twice (argparse keeps the last one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
+def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the "channel loss" argument group to Megatron's parser; returns the parser."""
+    group = parser.add_argument_group(title="channel loss")
+    group.add_argument("--channels", nargs="+", metavar="NAME", default=None, action=_StoreOnce,
+                       help="Ordered channel names, each with its own loss curve; id = position.")
+    group.add_argument("--channel-loss-prefix", default=None, action=_StoreOnce,
+                       help="Metric key prefix (default loss_): channel math logs as loss_math.")
+    group.add_argument("--channel-field", default=None, action=_StoreOnce,
+                       help="Sample field holding the sample's channel name (default channel).")
+    group.add_argument("--channels-from-blend", nargs="*", metavar="NAME", default=None, action=_StoreOnce,
+                       help="One channel per component of the --data-path (or --train-data-path) blend, "
+                            "named after its path, or by NAME i for component i. With --channels, "
+                            "every blend name must be one of them.")
+    group.add_argument("--untracked-channels", choices=UNTRACKED_POLICIES, default=None, action=_StoreOnce,
+                       help="A sample without a known channel: error (default), other (extra channel "
+                            "'other'), ignore (counted in lm loss only).")
+    group.add_argument("--channel-config", metavar="FILE.yaml", default=None, action=_StoreOnce,
+                       help=f"YAML mapping with keys {list(SETTING_KEYS)}; a setting may not be given "
+                            "both there and as a flag.")
+    return parser
+
+
+def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> ChannelSettings:
+    """Resolve and check the channel settings of Megatron's parsed ``args``.
+
+    ``args`` is argparse's namespace (flags from ``add_channel_args``) or the namespace of
+    Megatron's ``load_yaml`` / ``validate_yaml`` under ``--yaml-cfg``. Raises ``ValueError``
+    naming the flag or YAML key for every invalid setting.
+    """
+    raw, labels = _merge_sources(_sources(args))
+    channels = raw.get("channels")
+    if channels is not None:
+        channels = _check_names(channels, labels["channels"])
+    from_blend = _from_blend(raw.get("channels_from_blend"), labels.get("channels_from_blend"))
+    untracked = raw.get("untracked_channels", DEFAULTS["untracked_channels"])
+    if untracked not in UNTRACKED_POLICIES:
+        raise ValueError(
+            f"{labels['untracked_channels']} = {untracked!r}; choose one of {list(UNTRACKED_POLICIES)}"
+        )
+    blend = _training_blend(args) if from_blend is not None else None
+    if from_blend is not None and blend is None:
+        raise ValueError(
+            f"{flag_of('channels_from_blend')} needs a blend: give --data-path (or --train-data-path) "
+            "with one path per channel, or drop it and list the channels with --channels"
+        )
+    if channels is None and from_blend is None:
+        raise ValueError(
+            f"no channels: give {flag_of('channels')} NAME ..., or {flag_of('channels_from_blend')} "
+            "to take them from the --data-path blend"
+        )
+    if channels is None:
+        # A count mismatch of explicit names is caught by blend_channel_ids below.
+        blend_names = [blend_component_name(p) for p in blend] if from_blend is True else from_blend
+        channels = tuple(dict.fromkeys(blend_names))
+    settings = ChannelSettings(
+        names=channels,
+        prefix=raw.get("channel_loss_prefix", DEFAULTS["channel_loss_prefix"]),
+        field=raw.get("channel_field", DEFAULTS["channel_field"]),
+        from_blend=from_blend,
+        untracked=untracked,
+    )
+    if blend is not None:
+        settings.blend_channel_ids(blend)
+    return settings
+
+
+def load_channel_yaml(path: str, source: str = "--channel-config") -> dict[str, Any]:
+    """The settings mapping of a channel YAML file; unknown keys are an error."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"{source} {path!r} cannot be read: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source} {path!r} is not valid YAML: {e}") from e
+    return _check_mapping(data, f"{source} {path}")
+
+
+def _check_mapping(data: Any, where: str) -> dict[str, Any]:
+    if isinstance(data, SimpleNamespace):
+        data = vars(data)
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where} must be a mapping of settings ({list(SETTING_KEYS)}), got {type(data).__name__}"
+        )
+    unknown = [k for k in data if k not in SETTING_KEYS]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {list(SETTING_KEYS)}")
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _sources(args: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(where, settings) for every place the settings can come from; no precedence among them."""
+    yaml_cfg = getattr(args, "yaml_cfg", None)
+    top = {k: getattr(args, k) for k in SETTING_KEYS if getattr(args, k, None) is not None}
+    if yaml_cfg is None:
+        if top.get("channels_from_blend") == []:  # the bare flag: name channels after the paths
+            top["channels_from_blend"] = True
+        sources = [(COMMAND_LINE, top)]
+    else:
+        known = set(SETTING_KEYS) | {CONFIG_FILE_KEY, YAML_SECTION}
+        stray = [k for k in vars(args) if k.startswith("channel") and k not in known]
+        if stray:
+            raise ValueError(
+                f"--yaml-cfg {yaml_cfg}: unknown top-level key(s) {stray}; channel-loss keys are {sorted(known)}"
+            )
+        sources = [(f"the top level of --yaml-cfg {yaml_cfg}", top)]
+        section = getattr(args, YAML_SECTION, None)
+        if section is not None:
+            where = f"section {YAML_SECTION}: of --yaml-cfg {yaml_cfg}"
+            sources.append((where, _check_mapping(section, where)))
+    config_path = getattr(args, CONFIG_FILE_KEY, None)
+    if config_path is not None:
+        sources.append((f"--channel-config {config_path}", load_channel_yaml(str(config_path))))
+    return sources
+
+
+def _merge_sources(sources: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """One dict of settings, and for each given key a label naming where it came from."""
+    merged: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for where, settings in sources:
+        for key, value in settings.items():
+            label = f"--{key.replace('_', '-')}" if where == COMMAND_LINE else f"{key}: in {where}"
+            if key in labels:
+                raise ValueError(
+                    f"{key} is given twice, as {labels[key]} and as {label}; give each setting in one place"
+                )
+            merged[key], labels[key] = value, label
+    return merged, labels
+
+
+def _from_blend(value: Any, label: str | None) -> FromBlend:
+    """YAML's ``true``/``false`` or a list of names (the command line's bare flag is ``True``)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if value == []:
+        raise ValueError(f"{label} is an empty list; write true to name channels after the blend paths")
+    return _check_names(value, label, unique=False)
+
+
+def _training_blend(args: Any) -> list[str] | None:
+    """Component paths of the global blend, else of the training split's blend."""
+    # Imported here: megatron.training takes seconds to import and only blends need it.
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    view = SimpleNamespace()
+    for key in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        value = getattr(args, key, None)
+        if isinstance(value, str):  # YAML may give "0.3 /x/math 0.7 /x/code"
+            value = value.split()
+        setattr(view, key, [str(v) for v in value] if value else None)  # a bare --data-path gives []
+    view.data_args_path = getattr(args, "data_args_path", None)
+    view.per_split_data_args_path = getattr(args, "per_split_data_args_path", None)
+    blend, blend_per_split = get_blend_and_blend_per_split(view)
+    if blend is None and blend_per_split is not None:
+        blend = blend_per_split[0]
+    return None if blend is None else list(blend[0])

@@ -1,0 +1,122 @@
+"""What ``scripts/pretrain_gpt_channel.py`` runs: Megatron-LM's pretrain_gpt, with channels.
+
+``pretrain_gpt.py`` lives at the Megatron-LM repository root and ships in no wheel, so its
+pieces are rebuilt here for megatron-core 0.19: Megatron's arguments plus the channel flags,
+the GPT model from Megatron's own ``GPTModelConfig`` builder, a datasets provider whose
+samples carry ``channels`` (blend components or SFT jsonl fields), our ``forward_step``, and
+the NaN-free channel logging, all handed to ``megatron.training.pretrain``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from .arguments import ChannelSettings, add_channel_args, channel_settings_from_args
+from .channel_logging import install_channel_logging
+from .datasets import blend_component_paths, tag_datasets
+from .forward_step import make_forward_step
+from .sft import sft_dataset_class
+
+
+def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
+    """The ``GPTDatasetConfig`` Megatron's pretrain_gpt builds from ``args``."""
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        multiple_validation_sets=args.multiple_validation_sets,
+        full_validation=args.full_validation,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        context_parallel_size=args.context_parallel_size,
+    )
+
+
+def is_dataset_built_on_rank(vp_stage=None) -> bool:
+    """Data is read on tensor-parallel rank 0 of the first and last pipeline stages."""
+    ignore_virtual = vp_stage is None
+    on_edge_stage = parallel_state.is_pipeline_first_stage(
+        ignore_virtual=ignore_virtual, vp_stage=vp_stage
+    ) or parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
+    return on_edge_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def dataset_class(args, settings: ChannelSettings):
+    if args.sft:
+        return sft_dataset_class(settings.channel_id, channel_field=settings.field)
+    return MockGPTDataset if args.mock_data else GPTDataset
+
+
+def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_num_samples, vp_stage=None) -> list:
+    """Train, valid and test datasets whose samples carry ``channels``."""
+    config = gpt_dataset_config(args, tokenizer)
+    datasets = BlendedMegatronDatasetBuilder(
+        dataset_class(args, settings),
+        train_val_test_num_samples,
+        partial(is_dataset_built_on_rank, vp_stage=vp_stage),
+        config,
+    ).build()
+    component_ids = []
+    for paths in blend_component_paths(config):
+        if paths is None:
+            component_ids.append(None if not args.mock_data else [None])
+        elif settings.from_blend:
+            component_ids.append(settings.blend_channel_ids(paths))
+        else:
+            # No channel per component: SFT lines name their own; other samples get the
+            # untracked policy (which may stop the run with an error naming the flag).
+            component_ids.append([None] * len(paths))
+    return tag_datasets(datasets, component_ids, channel_id=settings.channel_id)
+
+
+def datasets_provider(settings: ChannelSettings):
+    """A Megatron ``train_valid_test_datasets_provider`` for these channel settings."""
+
+    def provider(train_val_test_num_samples, vp_stage=None):
+        from megatron.training import get_args, get_tokenizer, print_rank_0
+
+        args = get_args()
+        print_rank_0("> building train, validation, and test datasets with channels ...")
+        return build_datasets(args, settings, get_tokenizer(), train_val_test_num_samples, vp_stage)
+
+    provider.is_distributed = True
+    return provider
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse Megatron + channel arguments, install channel logging, run ``pretrain``."""
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = parse_and_validate_args(extra_args_provider=add_channel_args)
+    settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
+    config = settings.channel_config()
+    jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
+    install_channel_logging(config, jsonl_path=jsonl)
+    pretrain(
+        pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
+        datasets_provider(settings),
+        ModelType.encoder_or_decoder,
+        make_forward_step(config),
+    )

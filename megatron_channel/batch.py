@@ -69,12 +69,13 @@ class BatchLayout:
                     "layout=BatchLayout(micro_batch_size=..., seq_length=..., packed=...)) or run "
                     "inside megatron.training.pretrain, whose --micro-batch-size/--seq-length/--sft give them"
                 )
+        # Both put several documents in a row with cu_seqlens (THD), attended without a dense mask.
+        packed = bool(getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False))
         return cls(
             micro_batch_size=args.micro_batch_size,
             seq_length=args.seq_length,
-            # Both put several documents in a row with cu_seqlens (THD).
-            packed=bool(getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False)),
-            attention_mask=bool(getattr(args, "create_attention_mask_in_dataloader", False)),
+            packed=packed,
+            attention_mask=bool(getattr(args, "create_attention_mask_in_dataloader", False)) and not packed,
         )
 
     @property

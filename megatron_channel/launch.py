@@ -44,7 +44,8 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=args.create_attention_mask_in_dataloader,
+        # Packed SFT rows attend through cu_seqlens; Megatron's SFT dataset refuses a dense mask.
+        create_attention_mask=args.create_attention_mask_in_dataloader and not args.sft,
         context_parallel_size=args.context_parallel_size,
     )
 

@@ -17,7 +17,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        # TensorBoard event reading and the PNG of scripts/plot_channels.py (and the demo).
+        "plot": ["tensorboard", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", "tensorboard", "matplotlib"],
         # NVIDIA apex is optional and built from source with CUDA; megatron-core falls back
         # to torch without it. Never install the unrelated PyPI package named "apex".
         "gpu": ["transformer-engine[pytorch]"],

@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     import plot_channels
 
     png = os.path.join(opts.out, "channels.png")
-    plot_channels.main([os.path.join(opts.out, "channels.jsonl"), "-o", png])
+    plot_channels.main([os.path.join(opts.out, "channels.jsonl"), "-o", png,
+                        "--title", "CPU demo: tiny GPT on a 3-channel blend, 2 data-parallel ranks"])
     print(f"TensorBoard events: {os.path.join(opts.out, 'tensorboard')}  (tensorboard --logdir {opts.out})")
     print(f"jsonl log:          {os.path.join(opts.out, 'channels.jsonl')}")
     print(f"curves:             {png}")

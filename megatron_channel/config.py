@@ -22,6 +22,7 @@ class ChannelConfig:
     channels: tuple[str, ...]
     prefix: str = "loss_"
     _ids: dict[str, int] = field(init=False, repr=False, compare=False)
+    _keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.channels, str):
@@ -48,6 +49,8 @@ class ChannelConfig:
             seen[name] = i
         object.__setattr__(self, "channels", names)
         object.__setattr__(self, "_ids", seen)
+        # Built once: the loss function reads the keys on every microbatch.
+        object.__setattr__(self, "_keys", tuple(self.prefix + name for name in names))
 
     @property
     def num_channels(self) -> int:
@@ -62,4 +65,4 @@ class ChannelConfig:
 
     def metric_keys(self) -> list[str]:
         """``[prefix + name, ...]`` in channel order."""
-        return [self.prefix + name for name in self.channels]
+        return list(self._keys)

@@ -21,6 +21,7 @@ from .arguments import ChannelSettings, add_channel_args, channel_settings_from_
 from .channel_logging import install_channel_logging
 from .datasets import blend_component_paths, tag_datasets
 from .forward_step import make_forward_step
+from .loss import stock_loss_func
 from .sft import sft_dataset_class
 
 
@@ -101,6 +102,26 @@ def datasets_provider(settings: ChannelSettings):
     return provider
 
 
+def add_launch_args(parser):
+    """Megatron's ``extra_args_provider``: the channel flags plus this script's own."""
+    add_channel_args(parser)
+    group = parser.add_argument_group(title="channel loss launch")
+    group.add_argument("--disable-channel-loss", action="store_true",
+                       help="Train with Megatron's stock loss_func and logging, same data and batch path "
+                            "(for A/B timing of the channel accounting).")
+    return parser
+
+
+def stock_forward_step(forward_step):
+    """The same forward_step with Megatron's stock loss_func in place of the channel one."""
+
+    def forward_step_stock(data_iterator, model, *args, **kwargs):
+        output, channel_loss = forward_step(data_iterator, model, *args, **kwargs)
+        return output, partial(stock_loss_func, channel_loss.keywords["loss_mask"])
+
+    return forward_step_stock
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse Megatron + channel arguments, install channel logging, run ``pretrain``."""
     from megatron.core.enums import ModelType
@@ -110,14 +131,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=add_channel_args)
+    args = parse_and_validate_args(extra_args_provider=add_launch_args)
     settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
     config = settings.channel_config()
-    jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
-    install_channel_logging(config, jsonl_path=jsonl)
+    forward_step = make_forward_step(config)
+    if args.disable_channel_loss:
+        forward_step = stock_forward_step(forward_step)
+    else:
+        jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
+        install_channel_logging(config, jsonl_path=jsonl)
     pretrain(
         pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
         datasets_provider(settings),
         ModelType.encoder_or_decoder,
-        make_forward_step(config),
+        forward_step,
     )

@@ -8,7 +8,7 @@ from torch import Tensor
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from .config import ChannelConfig
-from .segments import channel_totals, local_boundaries, segment_sums
+from .segments import channel_totals, local_boundaries, row_stats, sequence_stats
 from .validate import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
 
 
@@ -22,6 +22,19 @@ def packed_boundaries(packed_seq_params: PackedSeqParams) -> Tensor:
     if cu.dim() == 2 and cu.shape[0] == 1:
         cu = cu[0]
     return cu
+
+
+def stock_loss_terms(masked_losses: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron-LM pretrain_gpt's ``(loss, num_tokens, {"lm loss": [sum, count]})`` from ``[T]`` terms."""
+    loss = torch.sum(masked_losses)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+
+
+def stock_loss_func(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron-LM pretrain_gpt.py's loss_func (without its NaN/spike checks): no channels."""
+    mask = loss_mask.view(-1).float()
+    return stock_loss_terms(output_tensor.view(-1).float() * mask, mask)
 
 
 def default_cp_size() -> int:
@@ -80,9 +93,7 @@ def channel_loss_func(
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     masked_losses = losses * mask
-    loss = torch.sum(masked_losses)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
-    metrics = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask)
 
     masked_losses = masked_losses.detach()
     if packed_seq_params is None:
@@ -90,19 +101,15 @@ def channel_loss_func(
         if validate:
             check_row_channels(channels, rows)
         segment_channels = channels.view(-1)
-        segment_stats = torch.stack(
-            [masked_losses.view(rows, -1).sum(1, dtype=torch.float64), mask.view(rows, -1).sum(1, dtype=torch.float64)],
-            dim=1,
-        )
+        segment_stats = row_stats(masked_losses, mask, rows)
     else:
         cp = default_cp_size() if cp_size is None else cp_size
         cu = packed_boundaries(packed_seq_params)
         if validate:
             check_cu_seqlens(cu, losses.numel() * cp, cp_size=cp)
             check_packed_channels(channels, cu)
-        bounds = local_boundaries(cu, cp)
         segment_channels = channels.reshape(-1)[: cu.numel() - 1]
-        segment_stats = torch.stack([segment_sums(masked_losses, bounds), segment_sums(mask, bounds)], dim=1)
+        segment_stats = sequence_stats(masked_losses, mask, local_boundaries(cu, cp))
 
     totals = channel_totals(segment_stats, segment_channels, config.num_channels)
     metrics.update(zip(config.metric_keys(), totals.unbind(0)))

@@ -127,3 +127,30 @@ def _bad_flags_worker(rank, world_size, data_dir, flags):
 def test_bad_channel_flags_stop_before_pretrain(tmp_path, flags, match):
     message = run_distributed(_bad_flags_worker, 1, str(tmp_path), flags, timeout=100)[0]
     assert message is not None and match in message, message
+
+
+def _stock_worker(rank, world_size, data_dir):
+    import megatron.training
+
+    from megatron_channel import launch
+    from megatron_channel.channel_logging import installed_channel_logger
+    from megatron_channel.testing import init_parallel, tiny_gpt
+
+    write_blend(data_dir)
+    recorded = []
+    megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
+    launch.main(megatron_argv(data_dir, "--channels-from-blend", "--disable-channel-loss"))
+    _, provider, _, forward_step = recorded[0]
+    init_parallel(tp=1)
+    batch = next(iter(torch.utils.data.DataLoader(provider([8, 4, 0])[0], batch_size=2)))
+    output, loss_func = forward_step(iter([batch]), tiny_gpt(vocab_size=64, seq_length=32))
+    loss, num_tokens, metrics = loss_func(output)
+    expected = torch.sum(output.view(-1).float() * batch["loss_mask"].view(-1).float())
+    return dict(keys=list(metrics), logging=installed_channel_logger() is not None,
+                equal=bool(torch.equal(loss, expected)), tokens=int(num_tokens))
+
+
+@pytest.mark.timeout(120)
+def test_disable_channel_loss_gives_the_stock_loss_for_ab_timing(tmp_path):
+    result = run_distributed(_stock_worker, 1, str(tmp_path), timeout=100)[0]
+    assert result == dict(keys=["lm loss"], logging=False, equal=True, tokens=64)

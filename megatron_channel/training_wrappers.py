@@ -30,6 +30,7 @@ Names and formats of what they write: ``log_format``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -135,6 +136,17 @@ def _refuse_full_iteration_graphs() -> None:
         )
 
 
+@contextlib.contextmanager
+def printing_through(module, edit: Callable[[object], object]):
+    """While the block runs, ``module.print_rank_last`` prints ``edit(message)`` instead."""
+    print_original = module.print_rank_last
+    module.print_rank_last = lambda message: print_original(edit(message))
+    try:
+        yield
+    finally:
+        module.print_rank_last = print_original
+
+
 def wrap_training_log(original: Callable, logger: ChannelLogger, module) -> Callable:
     """``training_log`` that also logs the channels (``module``: where ``print_rank_last`` lives)."""
     signature = inspect.signature(original)
@@ -151,22 +163,18 @@ def wrap_training_log(original: Callable, logger: ChannelLogger, module) -> Call
 
         margs = module.get_args()
         console: list[ChannelReport] = []
-        print_original = module.print_rank_last
 
-        def print_with_channels(message):
+        def with_channels(message):
             if not console and is_iteration_line(message):
                 # Taken when the line is printed, so the interval resets exactly when Megatron's does.
                 report = logger.accountant.console_report(reset=not is_first)
                 if report is not None:
                     console.append(report)
                     message = insert_into_iteration_line(message, console_fields(report, logger.config))
-            return print_original(message)
+            return message
 
-        module.print_rank_last = print_with_channels
-        try:
+        with printing_through(module, with_channels):
             result = original(*bound.args, **bound.kwargs)
-        finally:
-            module.print_rank_last = print_original
 
         if console:
             logger.write_record(train_record(console[0], iteration, getattr(margs, "consumed_train_samples", None)))
@@ -237,20 +245,16 @@ def wrap_evaluate_and_print_results(original: Callable, logger: ChannelLogger, m
         bound.apply_defaults()
         logger.pending_evals.clear()
         printed = [0]
-        print_original = module.print_rank_last
 
-        def print_with_tokens(message):
+        def with_tokens(message):
             # The i-th " validation... loss at ..." line belongs to the i-th evaluate call.
             if isinstance(message, str) and " loss at " in message and printed[0] < len(logger.pending_evals):
                 message += validation_console_fields(logger.pending_evals[printed[0]], logger.config)
                 printed[0] += 1
-            return print_original(message)
+            return message
 
-        module.print_rank_last = print_with_tokens
-        try:
+        with printing_through(module, with_tokens):
             result = original(*bound.args, **bound.kwargs)
-        finally:
-            module.print_rank_last = print_original
 
         evals, logger.pending_evals = list(logger.pending_evals), []
         margs = module.get_args()

@@ -2,7 +2,8 @@
 # Packed SFT (--sft) where every jsonl line names its channel in a "channel" field, and lines
 # of a second, unlabeled file count as `other`. Channel settings from
 # configs/channels.yaml (math, code, chat; anything else counts as `other`).
-# Needs a GPU and an SFT chat tokenizer (Megatron's SFTTokenizer over a Hugging Face model):
+# Needs a GPU, Transformer Engine (packed rows attend through THD: pip install -e .[gpu]) and an
+# SFT chat tokenizer (Megatron's SFTTokenizer over a Hugging Face model):
 #
 #   python scripts/make_tiny_data.py --out runs/tiny_data      # once
 #   TOKENIZER_MODEL=/path/to/hf/tokenizer NPROC=2 configs/sft_channels.sh
@@ -14,7 +15,7 @@ RUN_DIR="${RUN_DIR:-$ROOT/runs/sft_channels}"
 MODEL_ARGS=(
     --num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 256
     --max-position-embeddings 256 --position-embedding-type learned_absolute
-    --transformer-impl local --attention-dropout 0 --hidden-dropout 0
+    --transformer-impl transformer_engine --attention-dropout 0 --hidden-dropout 0
 )
 TRAIN_ARGS=(
     --micro-batch-size 1 --global-batch-size 8 --train-iters 200

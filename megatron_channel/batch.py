@@ -58,7 +58,8 @@ class BatchLayout:
     attention_mask: bool = False
 
     @classmethod
-    def from_megatron_args(cls, args=None) -> "BatchLayout":
+    def from_megatron_args(cls, args=None, training: bool = True) -> "BatchLayout":
+        """The layout Megatron's arguments imply; ``training=False``: evaluation's micro batch."""
         if args is None:
             from megatron.training import global_vars
 
@@ -71,8 +72,9 @@ class BatchLayout:
                 )
         # Both put several documents in a row with cu_seqlens (THD), attended without a dense mask.
         packed = bool(getattr(args, "sft", False) or getattr(args, "dataloader_inter_document_masking", False))
+        eval_rows = getattr(args, "eval_micro_batch_size", None)
         return cls(
-            micro_batch_size=args.micro_batch_size,
+            micro_batch_size=args.micro_batch_size if training or not eval_rows else eval_rows,
             seq_length=args.seq_length,
             packed=packed,
             attention_mask=bool(getattr(args, "create_attention_mask_in_dataloader", False)) and not packed,
@@ -193,9 +195,14 @@ def check_raw_batch(raw: dict, keys: list[str], layout: BatchLayout, config: Cha
             check_packed_channels(raw["channels"].reshape(rows, -1), raw["cu_seqlens"].reshape(rows, -1))
         else:
             check_row_channels(raw["channels"], rows)
+    has_padded = "cu_seqlens_padded" in keys
     for key in ("cu_seqlens", "cu_seqlens_padded"):
         if key in keys and value_on_cpu(raw[key]):
-            check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size, exact_end=True, name=key)
+            # With cu_seqlens_padded, the CP partition follows it; the real boundaries need only
+            # end at the row's end when rows are merged (micro_batch_size > 1).
+            strict = key == "cu_seqlens_padded" or not has_padded
+            check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size if strict else 1,
+                             exact_end=strict or rows > 1, name=key)
     if not layout.packed and cp_size > 1 and layout.seq_length % (2 * cp_size):
         raise ChannelBatchError(
             f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
@@ -267,8 +274,19 @@ def get_model_inputs(data_iterator, config: ChannelConfig, layout: BatchLayout |
                      device: torch.device, validate: bool = True) -> ModelInputs:
     """Read, check, broadcast, merge and cut one microbatch for this rank's model chunk."""
     batch = None
-    if topo.first_stage or topo.last_stage or (layout is not None and layout.packed):
+    reads = topo.first_stage or topo.last_stage
+    if not reads:
+        # A middle pipeline stage needs only packed rows' THD metadata; its data iterator
+        # exists when the datasets are built there (launch.is_dataset_built_on_rank).
+        reads = layout.packed if layout is not None else data_iterator is not None
+    if reads:
         if topo.is_tp_src:
+            if data_iterator is None:
+                raise ChannelBatchError(
+                    "this pipeline stage has no data iterator but needs the batch"
+                    + ("" if topo.first_stage or topo.last_stage else " (packed rows: every stage needs cu_seqlens)")
+                    + "; build the datasets on tensor-parallel rank 0 of this stage too"
+                )
             raw = next(data_iterator)
             layout = layout_of(raw, layout)
             keys = needed_keys(layout, topo)

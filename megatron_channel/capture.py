@@ -43,7 +43,7 @@ def split_channel_metrics(metrics: Mapping[str, Tensor], config: ChannelConfig) 
             f"loss_func metrics lack {missing} (has {list(metrics)}): install_channel_logging(config) "
             "needs the forward_step of make_forward_step(config) with the same ChannelConfig"
         )
-    unknown = [k for k in metrics if k.startswith(config.prefix) and k not in keys]
+    unknown = [k for k in metrics if k.startswith(config.prefix) and k not in keys and k != LM_LOSS_KEY]
     if unknown:
         raise ChannelMetricsError(
             f"loss_func metrics have channel keys {unknown} that the logging config does not name "

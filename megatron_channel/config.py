@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 # Metric keys travel through TensorBoard and W&B tag paths, so whitespace and
 # "/" (a tag separator) would split one curve into several.
 _BAD_KEY_CHARS = re.compile(r"[\s/]")
+# The channel logging writes `tokens_<name>`; Megatron's own keys ("lm loss") hold a space,
+# which a channel key cannot.
+_TOKEN_LOG_PREFIX = "tokens_"
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class ChannelConfig:
         names = tuple(self.channels)
         if not names:
             raise ValueError("channels is empty: give at least one channel name")
+        if not self.prefix or self.prefix.startswith(_TOKEN_LOG_PREFIX):
+            raise ValueError(
+                f"prefix {self.prefix!r} would make channel keys that are bare names or clash with the token "
+                f"logs ({_TOKEN_LOG_PREFIX}<name>); use a non-empty prefix such as 'loss_'"
+            )
         seen: dict[str, int] = {}
         for i, name in enumerate(names):
             if not isinstance(name, str) or not name:

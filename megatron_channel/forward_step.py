@@ -42,18 +42,23 @@ def make_forward_step(
             still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
 
     Returns:
-        ``forward_step(data_iterator, model, return_schedule_plan=False)`` returning
+        ``forward_step(data_iterator, model, checkpoint_activations_microbatch=None, *,
+        return_schedule_plan=False)`` returning
         ``(output_tensor, loss_func)`` with ``loss_func`` a partial of ``channel_loss_func``.
     """
 
-    def forward_step(data_iterator, model, return_schedule_plan: bool = False, **_unused):
+    def forward_step(data_iterator, model, checkpoint_activations_microbatch=None, *, return_schedule_plan=False):
+        # Megatron's schedule passes checkpoint_activations_microbatch positionally with
+        # --num-microbatches-with-partial-activation-checkpoints; GPTModel takes no such input.
         topo = Topology.current(get_attr_wrapped_model(model, "vp_stage", allow_none=True))
         batch_layout = layout
         if batch_layout is None and topo.tp_size > 1:
-            batch_layout = BatchLayout.from_megatron_args()
+            # Evaluation feeds --eval-micro-batch-size rows, and Megatron puts the model in eval mode.
+            batch_layout = BatchLayout.from_megatron_args(training=model.training)
         inputs = get_model_inputs(data_iterator, config, batch_layout, topo, model_device(model), validate)
         args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
-        kwargs = dict(labels=inputs.labels)
+        # loss_mask as stock pretrain_gpt passes it: multi-token prediction masks its loss with it.
+        kwargs = dict(labels=inputs.labels, loss_mask=inputs.loss_mask)
         if pass_packed_seq_params:
             kwargs["packed_seq_params"] = inputs.packed_seq_params
         if return_schedule_plan:

@@ -9,9 +9,12 @@ the NaN-free channel logging, all handed to ``megatron.training.pretrain``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from functools import partial
+
+import torch
 
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -29,7 +32,13 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
     """The ``GPTDatasetConfig`` Megatron's pretrain_gpt builds from ``args``."""
     from megatron.training.utils import get_blend_and_blend_per_split
 
+    if getattr(args, "fim_data", False):
+        raise ValueError("--fim-data is not supported by the channel launch script; drop it or use your own provider")
     blend, blend_per_split = get_blend_and_blend_per_split(args)
+    sequences_per_dataset = None
+    if args.per_dataset_sequences_path is not None:
+        with open(args.per_dataset_sequences_path) as f:
+            sequences_per_dataset = json.load(f)
     return GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -48,16 +57,31 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
         # Packed SFT rows attend through cu_seqlens; Megatron's SFT dataset refuses a dense mask.
         create_attention_mask=args.create_attention_mask_in_dataloader and not args.sft,
         context_parallel_size=args.context_parallel_size,
+        inter_document_masking=bool(getattr(args, "dataloader_inter_document_masking", False)),
+        object_storage_cache_path=args.object_storage_cache_path,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
+        fast_cache_load=args.dataloader_fast_cache_load,
+        defer_npy_index_mmap=args.dataloader_defer_npy_index_mmap,
+        sequences_per_dataset=sequences_per_dataset,
     )
 
 
-def is_dataset_built_on_rank(vp_stage=None) -> bool:
-    """Data is read on tensor-parallel rank 0 of the first and last pipeline stages."""
+def is_dataset_built_on_rank(vp_stage=None, every_stage: bool = False) -> bool:
+    """Data is read on tensor-parallel rank 0 of the first and last pipeline stages, and of
+    every stage when rows are packed (each stage's attention needs ``cu_seqlens``)."""
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        return False
+    if every_stage:
+        return True
     ignore_virtual = vp_stage is None
-    on_edge_stage = parallel_state.is_pipeline_first_stage(
+    return parallel_state.is_pipeline_first_stage(
         ignore_virtual=ignore_virtual, vp_stage=vp_stage
     ) or parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
-    return on_edge_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def rows_are_packed(args) -> bool:
+    return bool(args.sft or getattr(args, "dataloader_inter_document_masking", False))
 
 
 def dataset_class(args, settings: ChannelSettings):
@@ -72,7 +96,7 @@ def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_nu
     datasets = BlendedMegatronDatasetBuilder(
         dataset_class(args, settings),
         train_val_test_num_samples,
-        partial(is_dataset_built_on_rank, vp_stage=vp_stage),
+        partial(is_dataset_built_on_rank, vp_stage=vp_stage, every_stage=rows_are_packed(args)),
         config,
     ).build()
     component_ids = []
@@ -122,6 +146,39 @@ def stock_forward_step(forward_step):
     return forward_step_stock
 
 
+SPIKY_LOSS_FACTOR = 10  # pretrain_gpt's: a loss 10x the largest seen so far is "spiky"
+
+
+def checked_loss_func(loss_func, args):
+    """``loss_func`` plus the checks stock pretrain_gpt makes through Megatron's rerun state
+    machine: NaN/inf loss (``--check-for-nan-in-loss-and-grad``) and spiky loss
+    (``--check-for-spiky-loss``). Like stock, these read the loss on the host."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    def loss_func_checked(output_tensor, *more, **kwargs):
+        loss, num_tokens, metrics = loss_func(output_tensor, *more, **kwargs)
+        machine = get_rerun_state_machine()
+        if args.check_for_nan_in_loss_and_grad:
+            for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+                machine.validate_result(result=loss, rejection_func=reject, tolerance=0.0, fatal=True,
+                                        message=f"found {what} in local forward loss calculation")
+        if args.check_for_spiky_loss:
+            is_spiky = partial(machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR, context="loss")
+            machine.validate_result(result=loss, rejection_func=is_spiky, message="Spiky loss", tolerance=0.0,
+                                    fatal=False)
+        return loss, num_tokens, metrics
+
+    return loss_func_checked
+
+
+def with_loss_checks(forward_step, args):
+    def forward_step_checked(data_iterator, model, *more, **kwargs):
+        output, loss_func = forward_step(data_iterator, model, *more, **kwargs)
+        return output, checked_loss_func(loss_func, args)
+
+    return forward_step_checked
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse Megatron + channel arguments, install channel logging, run ``pretrain``."""
     from megatron.core.enums import ModelType
@@ -137,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     forward_step = make_forward_step(config)
     if args.disable_channel_loss:
         forward_step = stock_forward_step(forward_step)
-    else:
+    forward_step = with_loss_checks(forward_step, args)
+    if not args.disable_channel_loss:
         jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
         install_channel_logging(config, jsonl_path=jsonl)
     pretrain(

@@ -48,3 +48,9 @@ def test_bad_names_are_rejected_with_the_entry(channels, match):
 def test_prefix_that_cannot_be_a_key_is_rejected():
     with pytest.raises(ValueError, match="whitespace or '/'"):
         ChannelConfig(["math"], prefix="loss/")
+
+
+@pytest.mark.parametrize("prefix", ["", "tokens_", "tokens_x"])
+def test_prefix_that_would_clash_with_other_logs_is_rejected(prefix):
+    with pytest.raises(ValueError, match="bare names or clash with the token logs"):
+        ChannelConfig(["math"], prefix=prefix)

@@ -168,10 +168,10 @@ class CpuPackedModel(torch.nn.Module):
         super().__init__()
         self.module = gpt
 
-    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None):
+    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
         if packed_seq_params is not None:
             attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q, tokens.shape[1])
-        return self.module(tokens, position_ids, attention_mask, labels=labels)
+        return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
 
 
 def build_model(tp: int) -> CpuPackedModel:

@@ -93,9 +93,9 @@ class MaskOnlyAttention(torch.nn.Module):
         self.module = model  # get_attr_wrapped_model unwraps through .module
         self.seen_packed_seq_params = []
 
-    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None):
+    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
         self.seen_packed_seq_params.append(packed_seq_params)
-        return self.module(tokens, position_ids, attention_mask, labels=labels)
+        return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
 
 
 # --------------------------------------------------------------------------- reference helpers
@@ -247,7 +247,7 @@ def check_against_float64(output_tensor, ce, where: str) -> None:
 
 def random_config(rng: random.Random) -> ChannelConfig:
     k = rng.randint(1, 5)
-    return ChannelConfig(tuple(f"src{i}" for i in rng.sample(range(10), k)), prefix=rng.choice(["loss_", "", "val-"]))
+    return ChannelConfig(tuple(f"src{i}" for i in rng.sample(range(10), k)), prefix=rng.choice(["loss_", "l", "val-"]))
 
 
 def random_mask(rng: random.Random, gen: torch.Generator, n: int) -> list[float]:

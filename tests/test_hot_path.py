@@ -79,3 +79,22 @@ def test_unpacked_loss_path_has_no_host_sync():
         _, _, metrics = channel_loss_func(losses, loss_mask=torch.ones(4, 32), channels=torch.tensor([0, 2, -1, 2]),
                                           config=config, validate=False)
     assert list(metrics) == ["lm loss", "loss_a", "loss_b", "loss_c"]
+
+
+@pytest.mark.parametrize("cp_size", [1, 2])
+def test_forward_step_batch_path_has_no_host_sync(cp_size):
+    """Merging packed rows into one THD stream and the THD context-parallel cut (validate=False:
+    the value checks belong to the data side)."""
+    from megatron_channel.batch import Topology, get_model_inputs
+
+    rows, s = 2, 16
+    tokens = torch.arange(rows * s).view(rows, s)
+    batch = dict(tokens=tokens, labels=tokens, loss_mask=torch.ones(rows, s), position_ids=tokens % s,
+                 cu_seqlens=torch.tensor([[0, 4, 16, 16], [0, 8, 12, 16]], dtype=torch.int32),
+                 channels=torch.tensor([[0, 1, -1], [1, 1, 0]]))
+    topo = Topology(cp_size=cp_size, cp_rank=cp_size - 1)
+    with forbid_host_sync():
+        inputs = get_model_inputs(iter([batch]), ChannelConfig(["a", "b"]), None, topo, torch.device("cpu"),
+                                  validate=False)
+    assert inputs.tokens.shape == (1, rows * s // cp_size)
+    assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 16, 24, 28, 32]

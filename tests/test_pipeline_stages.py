@@ -14,12 +14,12 @@ from megatron_channel.testing import run_distributed
 S = 16
 
 
-def _stage_worker(rank, world_size, packed):
+def _stage_worker(rank, world_size, packed, pp=2, middle_has_data=True):
     from megatron_channel import ChannelConfig
     from megatron_channel.batch import Topology, get_model_inputs
     from megatron_channel.testing import block_causal_mask, init_parallel
 
-    init_parallel(tp=1, pp=2)
+    init_parallel(tp=1, pp=pp)
     topo = Topology.current()
     tokens = torch.arange(2 * S).view(2, S) % 7
     batch = dict(tokens=tokens, labels=tokens.roll(-1, 1), loss_mask=torch.ones(2, S),
@@ -30,7 +30,9 @@ def _stage_worker(rank, world_size, packed):
         batch["cu_seqlens"] = torch.tensor([[0, 5, S, S]], dtype=torch.int32)
         batch["channels"] = torch.tensor([[1, 0, -1]])
         batch["attention_mask"] = block_causal_mask(batch["cu_seqlens"], S)
-    inputs = get_model_inputs(iter([batch]), ChannelConfig(["a", "b"]), None, topo, torch.device("cpu"))
+    middle = not (topo.first_stage or topo.last_stage)
+    data = None if middle and not middle_has_data else iter([batch])
+    inputs = get_model_inputs(data, ChannelConfig(["a", "b"]), None, topo, torch.device("cpu"))
     present = {name for name in ("tokens", "position_ids", "attention_mask", "labels", "loss_mask", "channels")
                if getattr(inputs, name) is not None}
     cu = None if inputs.packed_seq_params is None else inputs.packed_seq_params.cu_seqlens_q.tolist()
@@ -50,3 +52,16 @@ def test_each_pipeline_stage_gets_what_it_needs(packed):
         assert last["channels"] == [1, 0, -1]
     else:
         assert first["cu"] is None and last["channels"] == [1, 0]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_middle_stage_gets_packed_metadata_only(packed):
+    """PP=3: the middle stage needs nothing for unpacked rows (no data iterator there, as
+    Megatron builds none) and only the THD metadata for packed rows."""
+    results = run_distributed(_stage_worker, 3, packed, 3, packed, timeout=80)
+    middle = results[1]
+    assert (middle["first"], middle["last"]) == (False, False)
+    assert middle["present"] == []
+    assert middle["cu"] == ([0, 5, S, S] if packed else None)
+    assert results[2]["channels"] == ([1, 0, -1] if packed else [1, 0])

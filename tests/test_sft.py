@@ -303,7 +303,7 @@ def test_untracked_names_follow_the_policy(tmp_path):
         {"messages": conversation("c") + conversation("d", channel=UNKNOWN), "channel": "chat"},
     ])
     low_level = SFTJsonlDataset(path)
-    with pytest.raises(ValueError, match=rf"names.jsonl:2: channel='zzz': untracked channel 'zzz'"):
+    with pytest.raises(ValueError, match=r"names.jsonl:2: channel='zzz': untracked channel 'zzz'"):
         build_direct(sft_dataset_class(policy_error), low_level, path, sft_config(32))
     other = build_direct(sft_dataset_class(policy_other), low_level, path, sft_config(32))
     ignore = build_direct(sft_dataset_class(policy_ignore), low_level, path, sft_config(32))

@@ -77,3 +77,17 @@ def test_channel_tracking_is_bitwise_invisible_to_training(megatron_cpu, packed)
 
     for (name, p_stock), (_, p_chan) in zip(stock_model.named_parameters(), channel_model.named_parameters()):
         assert torch.equal(p_stock, p_chan), f"parameter {name} diverged"
+
+
+@pytest.mark.timeout(60)
+def test_forward_step_takes_the_schedules_extra_arguments(megatron_cpu):
+    """Megatron's schedule may pass checkpoint_activations_microbatch positionally; it must not
+    be taken for return_schedule_plan."""
+    torch.manual_seed(0)
+    model = tiny_gpt(vocab_size=VOCAB, seq_length=S)
+    forward_step = make_forward_step(CONFIG)
+    gen = torch.Generator().manual_seed(0)
+    for extra in ((), (None,), (True,), (False,)):
+        output, loss_func = forward_step(iter([make_batch(gen, packed=False)]), model, *extra)
+        assert isinstance(output, torch.Tensor) and output.shape == (3, S)
+        assert list(loss_func(output)[2]) == ["lm loss"] + CONFIG.metric_keys()

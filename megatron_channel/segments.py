@@ -22,10 +22,10 @@ def local_boundaries(cu_seqlens: Tensor, cp_size: int) -> Tensor:
         cp_size: context-parallel world size.
 
     Returns:
-        ``[N + 1]`` int64 local boundaries.
+        ``[N + 1]`` local boundaries, in ``cu_seqlens``' integer dtype (index_select takes int32
+        and int64, so no cast is spent on them).
     """
-    cu = cu_seqlens.long()
-    return cu if cp_size == 1 else torch.div(cu, cp_size, rounding_mode="floor")
+    return cu_seqlens if cp_size == 1 else torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
 def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
@@ -40,7 +40,7 @@ def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor)
     Args:
         masked_losses: ``[T]`` float32 per-token loss times loss mask.
         loss_mask: ``[T]`` float32.
-        boundaries: ``[N + 1]`` int64, non-decreasing, within ``[0, T]``; zero-length
+        boundaries: ``[N + 1]`` int32 or int64, non-decreasing, within ``[0, T]``; zero-length
             sequences (repeated entries) are allowed.
 
     Returns:

@@ -18,8 +18,10 @@ Nothing else of Megatron is replaced.
 
 from __future__ import annotations
 
+import atexit
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 
 import torch
@@ -117,17 +119,19 @@ def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor
     return ~(same & causal)[None, None]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_single_process_group() -> None:
+    """A one-rank gloo world, rendezvous through a fresh file (no TCP port to race for)."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    store_dir = tempfile.mkdtemp(prefix="gloo-")
+    atexit.register(shutil.rmtree, store_dir, True)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(store_dir, 'store')}", rank=0, world_size=1)
 
 
-def _worker(rank, world_size, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+def _worker(rank, world_size, store, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # reported to the parent, which raises it
@@ -148,8 +152,10 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
 
     ctx = torch.multiprocessing.get_context("spawn")
     results_queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results_queue)) for r in range(world_size)]
+    store_dir = tempfile.mkdtemp(prefix="gloo-")  # rendezvous file: no TCP port to race for
+    store = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store, fn, args, results_queue))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -175,4 +181,5 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(store_dir, ignore_errors=True)
     return [results[r] for r in range(world_size)]

@@ -298,11 +298,10 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
 
     import megatron.core
-    from megatron_channel.testing import free_port
+    from megatron_channel.testing import init_single_process_group
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process_group()
 
     if opts.quick:
         grid = [(8192, s, k) for s in (1, 256) for k in (2, 16)]

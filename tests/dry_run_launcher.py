@@ -12,11 +12,9 @@ Hugging Face tokenizer (``--tokenizer-type SFTTokenizer``) is replaced by the by
 """
 
 import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 
 def swap_sft_tokenizer(argv):
@@ -40,11 +38,10 @@ def main():
 
     from megatron_channel import launch, make_forward_step
     from megatron_channel.channel_logging import installed_channel_logger
-    from megatron_channel.testing import block_causal_mask, free_port, init_parallel, tiny_gpt
+    from megatron_channel.testing import block_causal_mask, init_parallel, init_single_process_group, tiny_gpt
 
     argv, sft_tokenizer = swap_sft_tokenizer(sys.argv[2:])
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process_group()
     recorded = []
     megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
     launch.main(argv)

@@ -39,7 +39,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segments import thd_partition_index
-from megatron_channel.testing import block_causal_mask, free_port, init_parallel, tiny_gpt
+from megatron_channel.testing import block_causal_mask, init_parallel, init_single_process_group, tiny_gpt
 
 VOCAB = 64
 MAX_SEQ = 96  # learned absolute positions: every row (packed or not) must fit
@@ -63,7 +63,7 @@ def gpt():
     """
     created = False
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        init_single_process_group()
         created = True
     assert dist.get_world_size() == 1, "these tests run in one process"
     init_parallel(seed=1234)

@@ -14,6 +14,7 @@ setup(
         # this package is written and tested against; it also ships megatron.training.
         # A new minor release may move those internals, so it must be checked before use.
         "megatron-core>=0.19,<0.20",
+        "numpy",
         "pyyaml",
     ],
     extras_require={

@@ -1,11 +1,14 @@
 """Pure tensor math: packed-sequence boundaries, context-parallel cuts, per-channel sums.
 
 Every function here takes tensors and returns tensors of shapes that depend only on
-input shapes, never on values, so none of them makes the host wait for the GPU.
+input shapes, never on values. On a GPU none of them reads a value on the host, so none
+makes the host wait for the GPU; on CPU tensors ``sequence_stats`` reads values through
+numpy, which costs no wait there.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,23 +31,45 @@ def local_boundaries(cu_seqlens: Tensor, cp_size: int) -> Tensor:
     return cu_seqlens if cp_size == 1 else torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
+def summed_on_host(tensor: Tensor) -> bool:
+    """Whether ``sequence_stats`` and ``channel_totals`` sum ``tensor`` with numpy.
+
+    True for CPU tensors: there a scan is a serial loop of about 1 ns per token and every
+    torch op costs microseconds of dispatch, while numpy sums segments in one vectorized,
+    cheap call, and reading CPU values makes nothing wait. Elsewhere (GPU) the torch
+    versions run: no value is read on the host.
+    """
+    return tensor.device.type == "cpu"
+
+
 def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
     """``[loss_sum, token_count]`` of each packed sequence ``[boundaries[i], boundaries[i+1])``.
 
-    Prefix sums over the tokens and one gather at the ``N + 1`` boundaries: one pass over
-    the tokens whatever the number of sequences. The loss prefix is float64, so the
-    difference of two large prefix sums stays exact to ~1e-12 relative; the count prefix is
-    float32, exact while the microbatch has fewer than 2^24 tokens of 0/1 mask. Extra
-    memory: 12 bytes per token (the two prefixes).
+    One pass over the tokens whatever the number of sequences: ``sequence_stats_reduceat``
+    where ``summed_on_host``, else ``sequence_stats_prefix``.
 
     Args:
         masked_losses: ``[T]`` float32 per-token loss times loss mask.
         loss_mask: ``[T]`` float32.
-        boundaries: ``[N + 1]`` int32 or int64, non-decreasing, within ``[0, T]``; zero-length
-            sequences (repeated entries) are allowed.
+        boundaries: ``[N + 1]`` int32 or int64, non-decreasing, within ``[0, T]``, starting at
+            0; zero-length sequences (repeated entries) and tokens after the last entry are
+            allowed.
 
     Returns:
-        ``[2, N]`` float64: row 0 loss sums, row 1 token counts.
+        ``[2, N]`` float64 on the tokens' device: row 0 loss sums, row 1 token counts.
+    """
+    if summed_on_host(masked_losses):
+        return sequence_stats_reduceat(masked_losses, loss_mask, boundaries)
+    return sequence_stats_prefix(masked_losses, loss_mask, boundaries)
+
+
+def sequence_stats_prefix(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
+    """``sequence_stats`` by prefix sums and one gather at the ``N + 1`` boundaries (any device).
+
+    Reads no value on the host. The loss prefix is float64, so the difference of two large
+    prefix sums stays exact to ~1e-12 relative; the count prefix is float32, exact while the
+    microbatch has fewer than 2^24 tokens of 0/1 mask. Extra memory: 12 bytes per token (the
+    two prefixes).
     """
     tokens = masked_losses.numel()
     loss_prefix = masked_losses.new_empty(tokens + 1, dtype=torch.float64)
@@ -57,6 +82,32 @@ def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor)
     torch.cumsum(loss_mask, 0, out=count_prefix[1:])
     at_boundaries = torch.stack([loss_prefix.index_select(0, boundaries), count_prefix.index_select(0, boundaries)])
     return at_boundaries.diff(dim=1)
+
+
+def sequence_stats_reduceat(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
+    """``sequence_stats`` of CPU tensors by numpy's ``add.reduceat``; reads the values.
+
+    Each sequence is summed in float32 by numpy's pairwise summation (relative error ~1e-7,
+    like stock ``lm loss``, itself a float32 sum); counts are exact below 2^24 tokens per
+    sequence. The tokens are not copied.
+    """
+    tokens = masked_losses.numel()
+    stats = np.zeros((2, boundaries.numel()), dtype=np.float64)
+    if tokens == 0:
+        return torch.from_numpy(stats[:, 1:])
+    losses, mask, bounds = masked_losses.numpy(), loss_mask.numpy(), boundaries.numpy()
+    # reduceat takes indices below T only, sums from the last index to the end, and gives
+    # x[i] instead of 0 for a repeated index: so clip the boundaries to T - 1, zero the
+    # sequences that became empty, and give the last token back to the sequence that ends at T.
+    clipped = np.minimum(bounds, tokens - 1)
+    stats[0] = np.add.reduceat(losses, clipped)
+    stats[1] = np.add.reduceat(mask, clipped)
+    stats = stats[:, :-1]
+    stats *= clipped[:-1] < clipped[1:]
+    last = int(np.searchsorted(bounds, tokens)) - 1  # the last sequence starting before T
+    if 0 <= last < stats.shape[1]:
+        stats[:, last] += (losses[-1], mask[-1])
+    return torch.from_numpy(stats)
 
 
 def row_stats(masked_losses: Tensor, loss_mask: Tensor, rows: int) -> Tensor:
@@ -83,12 +134,20 @@ def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels
         num_channels: K.
 
     Returns:
-        ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent).
+        ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent), on the
+        segments' device.
     """
     # -1 (untracked) lands in an extra bin K that is dropped, so no data-dependent
     # filtering (a host sync) is needed; valid ids 0..K-1 are unchanged.
-    bins = segment_channels.long().remainder(num_channels + 1)
-    totals = segment_stats.new_zeros(num_channels + 1, 2).index_add_(0, bins, segment_stats.t())
+    bins = num_channels + 1
+    if summed_on_host(segment_stats):
+        stats, ids = segment_stats.numpy(), segment_channels.numpy() % bins
+        totals = np.empty((bins, 2), dtype=np.float32)
+        totals[:, 0] = np.bincount(ids, stats[0], bins)
+        totals[:, 1] = np.bincount(ids, stats[1], bins)
+        return torch.from_numpy(totals[:num_channels])
+    ids = segment_channels.long().remainder(bins)
+    totals = segment_stats.new_zeros(bins, 2).index_add_(0, ids, segment_stats.t())
     return totals[:num_channels].float()
 
 

@@ -8,6 +8,8 @@ Variants, each on the same per-token losses of one packed (THD) microbatch:
              (what peers did before vectorizing)
   ours+sync  ours plus the key sync a peer does on every microbatch (all_gather_object of
              the key list and an all_reduce of the values), over a 1-rank gloo group here
+  prefix     on the CPU only: ours through the torch path GPU tensors take (prefix scans),
+             to show why CPU tensors are summed with numpy instead
 
 Grid: tokens per microbatch T, sequences per row, channels K. CPU always (1 thread, timed
 with perf_counter); CUDA when available (CUDA events). Median of many runs after warm-up.
@@ -24,6 +26,7 @@ proportion.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -80,6 +83,19 @@ def make_case(tokens: int, sequences: int, num_channels: int, device: torch.devi
     cu, channels, output, mask = (t.to(device) for t in (cu, channels, output, mask))
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
     return output, mask, cu, channels, config, packed
+
+
+@contextlib.contextmanager
+def summing_like_a_gpu():
+    """CPU tensors summed by the torch ops GPU tensors take, instead of numpy."""
+    from megatron_channel import segments
+
+    original = segments.summed_on_host
+    segments.summed_on_host = lambda tensor: False
+    try:
+        yield
+    finally:
+        segments.summed_on_host = original
 
 
 def timer(device: torch.device):
@@ -146,10 +162,15 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
         def ours_sync():
             return key_sync(ours()[2])
 
+        def prefix_path():
+            with summing_like_a_gpu():
+                return ours()
+
         loop_runs = max(3, runs // max(1, sequences // 16))
         row = dict(device=device.type, tokens=tokens, sequences=sequences, channels=num_channels,
                    stock=median_us(stock, runs), ours=median_us(ours, runs), loop=median_us(loop, loop_runs),
                    ours_sync=median_us(ours_sync, runs),
+                   prefix=median_us(prefix_path, runs) if device.type == "cpu" else None,
                    extra_bytes=extra_peak_bytes_per_token(ours, stock, tokens) if device.type == "cuda" else None)
         rows.append(row)
         print(format_row(row), flush=True)
@@ -203,14 +224,15 @@ def demo_step_times(steps: int) -> dict:
                 loss_stock=loss_stock, loss_ours=loss_ours, tokens=rows * SEQ, steps=steps)
 
 
-HEADER = ("| device | T | seqs | K | stock us | ours us | loop us | ours+key-sync us | ours/stock | loop/ours "
-          "| extra peak B/token |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| device | T | seqs | K | stock us | ours us | loop us | ours+key-sync us | prefix path us | ours/stock "
+          "| loop/ours | extra peak B/token |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     extra = "n/a (CPU)" if r["extra_bytes"] is None else f"{r['extra_bytes']:.1f}"
+    prefix = "= ours" if r["prefix"] is None else f"{r['prefix']:.1f}"
     return (f"| {r['device']} | {r['tokens'] // 1024}k | {r['sequences']} | {r['channels']} | {r['stock']:.1f} | "
-            f"{r['ours']:.1f} | {r['loop']:.1f} | {r['ours_sync']:.1f} | {r['ours'] / r['stock']:.2f} | "
+            f"{r['ours']:.1f} | {r['loop']:.1f} | {r['ours_sync']:.1f} | {prefix} | {r['ours'] / r['stock']:.2f} | "
             f"{r['loop'] / r['ours']:.1f} | {extra} |")
 
 
@@ -274,18 +296,17 @@ NOTES = """## Notes
   End to end through Megatron's `pretrain()`: `python scripts/bench_pretrain.py` (the tiny
   blend config with and without channel tracking, `--disable-channel-loss`, alternating,
   median iteration time after warm-up, target ratio <= 1.005).
-- Extra memory by construction: a float64 prefix of the masked losses (8 bytes per token)
-  and a float32 prefix of the mask (4 bytes per token), both `[T + 1]`; everything else is
-  per sequence or per channel. The CUDA rows measure it.
-- Work per microbatch: two prefix scans over the tokens, a gather at the `N + 1` sequence
-  boundaries and one `index_add_` of `N` pairs into `K + 1` bins; about 20 tensor ops,
-  independent of the number of sequences, no host sync, no collective.
-- CPU at T = 128k: the two scans run at about 0.5 to 0.6 ns per token each on one core, and
-  the fresh 0.5 to 1 MB buffers of each call page-fault on the CPU allocator, so ours costs
-  ~0.4 ms whatever the number of sequences, while the loop's cost grows with the number of
-  sequences (~6 us each). At 256 sequences of 512 tokens the loop is therefore only 4 to 6x
-  slower; at T <= 32k, or at 4096 sequences, it is 13 to 300x slower. The GPU scan (one
-  parallel kernel) has no such floor.
+- Two summing paths (`megatron_channel/segments.py`). CUDA tensors: two prefix scans over
+  the tokens (float64 losses, float32 mask), a gather at the `N + 1` sequence boundaries and
+  one `index_add_` of `N` pairs into `K + 1` bins; no value read on the host, no collective.
+  Extra memory by construction: the two `[T + 1]` prefixes, 12 bytes per token (the CUDA
+  rows measure it). CPU tensors: numpy's `add.reduceat` (one vectorized pass per array, no
+  copy of the tokens) and `bincount`: on a CPU torch's scan is a serial loop of about 1 ns
+  per token and every torch op costs microseconds of dispatch, so the prefix path costs
+  ~0.4 ms at 128k tokens whatever the number of sequences.
+- Both paths do work independent of the number of sequences except the `N`-sized steps; the
+  loop pays a slice-and-sum per sequence (several microseconds each on a CPU), which is why
+  it wins only at one or a few sequences.
 """
 
 

@@ -19,6 +19,9 @@ Checked, over a few hundred seeded random cases:
 4. a packed row through ``make_forward_step`` and the real model (block-causal mask) gives the
    same per-channel numbers as running each sequence alone.
 
+Packed cases alternate between the two summing paths of ``megatron_channel.segments``
+(numpy for CPU tensors, the torch ops GPU tensors take), so both are checked on the model.
+
 Always: ``loss`` / ``num_tokens`` / ``"lm loss"`` are bitwise Megatron's stock values, the
 metric keys are ``["lm loss"] + config.metric_keys()`` in order, absent channels are exactly
 ``[0, 0]``, counts are exact, sums agree with the float64 reference to rtol=1e-5, atol=1e-4,
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
+from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step, segments
 from megatron_channel.segments import thd_partition_index
 from megatron_channel.testing import block_causal_mask, init_parallel, init_single_process_group, tiny_gpt
 
@@ -96,6 +99,12 @@ class MaskOnlyAttention(torch.nn.Module):
     def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
         self.seen_packed_seq_params.append(packed_seq_params)
         return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+
+
+def sum_like_a_gpu_on_odd_seeds(monkeypatch, seed: int) -> None:
+    """Odd seeds sum CPU tensors with the torch ops GPU tensors take instead of numpy."""
+    if seed % 2:
+        monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
 
 
 # --------------------------------------------------------------------------- reference helpers
@@ -322,7 +331,8 @@ def test_unpacked_rows_through_forward_step(gpt, seed):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(PACKED_CASES))
-def test_packed_rows_channel_loss_func(gpt, seed):
+def test_packed_rows_channel_loss_func(gpt, seed, monkeypatch):
+    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
     rng, gen = random.Random(1000 + seed), torch.Generator().manual_seed(1000 + seed)
     config = random_config(rng)
     k = config.num_channels
@@ -395,7 +405,8 @@ def random_cp_cu(rng: random.Random, cp: int) -> list[int]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cp", [1, 2, 4])
 @pytest.mark.parametrize("seed", range(CP_CASES_PER_SIZE))
-def test_context_parallel_ranks_sum_to_global(gpt, cp, seed):
+def test_context_parallel_ranks_sum_to_global(gpt, cp, seed, monkeypatch):
+    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
     rng, gen = random.Random(2000 + 100 * cp + seed), torch.Generator().manual_seed(2000 + 100 * cp + seed)
     config = random_config(rng)
     k = config.num_channels
@@ -470,7 +481,8 @@ def test_context_parallel_ranks_sum_to_global(gpt, cp, seed):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(MODEL_PACKED_CASES))
-def test_packed_row_matches_sequences_alone(gpt, seed):
+def test_packed_row_matches_sequences_alone(gpt, seed, monkeypatch):
+    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
     rng, gen = random.Random(3000 + seed), torch.Generator().manual_seed(3000 + seed)
     config = random_config(rng)
     k = config.num_channels

@@ -4,6 +4,9 @@ On a GPU each of those would stall the CPU until the GPU catches up. Here, on CP
 every host-read entry point of ``torch.Tensor`` and every collective of ``torch.distributed``
 is replaced by a function that fails for the duration of the call, with ``validate=False``
 (the data-boundary checks are done where the batch is built, not in this path).
+
+CPU tensors are summed with numpy, which reads their values (no wait on a CPU); the
+``gpu_summing`` fixture turns that off so the path checked here is the one GPU tensors take.
 """
 
 import contextlib
@@ -14,7 +17,7 @@ import torch.distributed as dist
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_channel import ChannelConfig, channel_loss_func
+from megatron_channel import ChannelConfig, channel_loss_func, segments
 
 HOST_READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero", "__len__"]
 COLLECTIVES = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
@@ -23,6 +26,12 @@ COLLECTIVES = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "br
 
 class HostSync(AssertionError):
     pass
+
+
+@pytest.fixture
+def gpu_summing(monkeypatch):
+    """Sum CPU tensors the way GPU tensors are summed (torch ops only)."""
+    monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
 
 
 @contextlib.contextmanager
@@ -58,7 +67,7 @@ def test_the_guard_catches_what_it_forbids():
 
 @pytest.mark.parametrize("cp_size", [1, 2])
 @pytest.mark.parametrize("padded", [False, True])
-def test_packed_loss_path_has_no_host_sync(cp_size, padded):
+def test_packed_loss_path_has_no_host_sync(gpu_summing, cp_size, padded):
     config = ChannelConfig([f"c{i}" for i in range(16)])
     cu = torch.tensor([0, 8, 8, 40, 64, 64], dtype=torch.int32)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
@@ -72,7 +81,7 @@ def test_packed_loss_path_has_no_host_sync(cp_size, padded):
     assert len(metrics) == 17
 
 
-def test_unpacked_loss_path_has_no_host_sync():
+def test_unpacked_loss_path_has_no_host_sync(gpu_summing):
     config = ChannelConfig(["a", "b", "c"])
     losses = torch.rand(4, 32, requires_grad=True)
     with forbid_host_sync():
@@ -98,3 +107,14 @@ def test_forward_step_batch_path_has_no_host_sync(cp_size):
                                   validate=False)
     assert inputs.tokens.shape == (1, rows * s // cp_size)
     assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 16, 24, 28, 32]
+
+
+def test_the_host_summing_path_is_what_the_guard_would_catch():
+    """Without ``gpu_summing`` CPU tensors go through numpy: the guard sees it, so the tests
+    above really check the torch path."""
+    config = ChannelConfig(["a", "b"])
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    with forbid_host_sync(), pytest.raises(HostSync):
+        channel_loss_func(torch.rand(1, 8), loss_mask=torch.ones(1, 8), channels=torch.tensor([0, 1]),
+                          config=config, packed_seq_params=psp, cp_size=1, validate=False)

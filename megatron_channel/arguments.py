@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ChannelConfig
+from .config import ChannelConfig, check_prefix
 
 UNTRACKED_POLICIES = ("error", "other", "ignore")
 OTHER_CHANNEL = "other"
@@ -56,6 +56,9 @@ DEFAULTS = {"channel_loss_prefix": "loss_", "channel_field": "channel", "untrack
 # Suffixes of whole-file datasets (jsonl for SFT, Megatron's .bin/.idx pair). Only these are
 # stripped: an indexed-dataset prefix such as "web.v2_text_document" keeps its dots.
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".bin", ".idx")
+
+# Megatron's own arguments whose names hold "channel"; every other such YAML key is a typo of ours.
+MEGATRON_CHANNEL_KEYS = ("kv_channels", "num_channels")
 
 FromBlend = None | Literal[True] | tuple[str, ...]
 
@@ -116,8 +119,7 @@ class ChannelSettings:
             )
         if not isinstance(self.field, str) or not self.field:
             raise ValueError(f"{flag_of('channel_field')} = {self.field!r}; give a non-empty field name")
-        if not isinstance(self.prefix, str):
-            raise ValueError(f"{flag_of('channel_loss_prefix')} = {self.prefix!r}; give a string")
+        check_prefix(self.prefix, flag_of("channel_loss_prefix"))
         if self.from_blend is not None and self.from_blend is not True:
             object.__setattr__(self, "from_blend", _check_names(self.from_blend, flag_of("channels_from_blend"),
                                                                 unique=False))
@@ -320,7 +322,8 @@ def _sources(args: Any) -> list[tuple[str, dict[str, Any]]]:
         sources = [(COMMAND_LINE, top)]
     else:
         known = set(SETTING_KEYS) | {CONFIG_FILE_KEY, YAML_SECTION}
-        stray = [k for k in vars(args) if k.startswith("channel") and k not in known]
+        # A near-miss of ours (untracked_channel, channel_prefix) would be silently ignored.
+        stray = [k for k in vars(args) if "channel" in k and k not in known and k not in MEGATRON_CHANNEL_KEYS]
         if stray:
             raise ValueError(
                 f"--yaml-cfg {yaml_cfg}: unknown top-level key(s) {stray}; channel-loss keys are {sorted(known)}"

@@ -13,6 +13,17 @@ _BAD_KEY_CHARS = re.compile(r"[\s/]")
 _TOKEN_LOG_PREFIX = "tokens_"
 
 
+def check_prefix(prefix, what: str = "prefix") -> None:
+    """``ValueError`` naming ``what`` (e.g. the flag it came from) unless ``prefix`` can start keys."""
+    if not isinstance(prefix, str) or not prefix or prefix.startswith(_TOKEN_LOG_PREFIX):
+        raise ValueError(
+            f"{what} = {prefix!r} would make channel keys that are bare names or clash with the token "
+            f"logs ({_TOKEN_LOG_PREFIX}<name>); use a non-empty prefix such as 'loss_'"
+        )
+    if _BAD_KEY_CHARS.search(prefix):
+        raise ValueError(f"{what} = {prefix!r} contains whitespace or '/'; use letters, digits, '_', '-' or '.'")
+
+
 @dataclass(frozen=True)
 class ChannelConfig:
     """Ordered channel names; a channel's id is its position (0..K-1).
@@ -36,11 +47,7 @@ class ChannelConfig:
         names = tuple(self.channels)
         if not names:
             raise ValueError("channels is empty: give at least one channel name")
-        if not self.prefix or self.prefix.startswith(_TOKEN_LOG_PREFIX):
-            raise ValueError(
-                f"prefix {self.prefix!r} would make channel keys that are bare names or clash with the token "
-                f"logs ({_TOKEN_LOG_PREFIX}<name>); use a non-empty prefix such as 'loss_'"
-            )
+        check_prefix(self.prefix)
         seen: dict[str, int] = {}
         for i, name in enumerate(names):
             if not isinstance(name, str) or not name:

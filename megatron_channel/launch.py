@@ -126,6 +126,22 @@ def datasets_provider(settings: ChannelSettings):
     return provider
 
 
+def check_channel_source(args, settings: ChannelSettings) -> None:
+    """Stop at start-up when GPT samples could get no channel (the data would stop the run later).
+
+    Only ``--sft`` jsonl lines name their channel; a GPT sample (indexed or mock data) has
+    just its blend component.
+    """
+    if args.sft or settings.from_blend is not None or settings.untracked != "error":
+        return
+    data = "--mock-data samples" if args.mock_data else "GPT samples of indexed datasets"
+    raise ValueError(
+        f"{data} carry no channel field, so with --untracked-channels error no sample has a channel: "
+        "take the channels from the --data-path blend with --channels-from-blend [NAME ...], or count "
+        "every sample as untracked with --untracked-channels ignore (or as 'other' with other)"
+    )
+
+
 def add_launch_args(parser):
     """Megatron's ``extra_args_provider``: the channel flags plus this script's own."""
     add_channel_args(parser)
@@ -190,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_launch_args)
     settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
+    check_channel_source(args, settings)
     config = settings.channel_config()
     forward_step = make_forward_step(config)
-    if args.disable_channel_loss:
+    # A --yaml-cfg namespace holds only the YAML's keys.
+    channel_loss = not getattr(args, "disable_channel_loss", False)
+    if not channel_loss:
         forward_step = stock_forward_step(forward_step)
     forward_step = with_loss_checks(forward_step, args)
-    if not args.disable_channel_loss:
+    if channel_loss:
         jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
         install_channel_logging(config, jsonl_path=jsonl)
     pretrain(

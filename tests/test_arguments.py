@@ -237,6 +237,9 @@ def test_settings_dataclass_checks():
     (["--channels", "math", "chat room"], r"whitespace or '/'"),
     (["--channels", "math", "other", "--untracked-channels", "other"], r"'other' .*clashes"),
     (["--data-path", "/x/other", "--channels-from-blend", "--untracked-channels", "other"], r"'other' .*clashes"),
+    (["--channels", "math", "--channel-loss-prefix", ""], r"--channel-loss-prefix \(YAML: channel_loss_prefix\) = ''"),
+    (["--channels", "math", "--channel-loss-prefix", "tokens_"], r"--channel-loss-prefix .*clash with the token logs"),
+    (["--channels", "math", "--channel-loss-prefix", "loss/"], r"--channel-loss-prefix .*'loss/' contains whitespace"),
 ])
 def test_invalid_command_lines_stop_at_startup(parser, argv, match):
     with pytest.raises(ValueError, match=match):
@@ -334,6 +337,7 @@ def test_yaml_cfg_section_and_top_level_channel_config(tmp_path):
      r"section channel_loss: of --yaml-cfg .*unknown key\(s\) \['prefix'\]; known keys"),
     ({"channel_loss": ["a", "b"]}, r"section channel_loss: .* must be a mapping .*got list"),
     ({"channels": ["a"], "channel_prefix": "x"}, r"unknown top-level key\(s\) \['channel_prefix'\]"),
+    ({"channels": ["a"], "untracked_channel": "other"}, r"unknown top-level key\(s\) \['untracked_channel'\]"),
     ({"channel_loss": {"channels": ["a"], "untracked_channels": "skip"}},
      r"untracked_channels: in section channel_loss: .* = 'skip'"),
     ({"micro_batch_size": 2}, r"no channels"),

@@ -314,6 +314,19 @@ def test_install_is_idempotent_and_uninstall_restores(clean_install, tmp_path):
         install_channel_logging(CONFIG, jsonl_path=str(tmp_path))
 
 
+@pytest.mark.timeout(30)
+def test_install_refuses_a_changed_training_module_and_leaves_it_alone(clean_install, monkeypatch):
+    def train_step(forward_step_func, data_iterator, model, optimizer, new_option=None):
+        return None
+
+    monkeypatch.setattr(training, "train_step", train_step)
+    before = {n: getattr(training, n) for n in WRAPPED}
+    with pytest.raises(MegatronInternalsError, match=r"train_step changed.*added \['new_option'\].*0\.19\.x"):
+        install_channel_logging(CONFIG)
+    assert {n: getattr(training, n) for n in WRAPPED} == before
+    assert installed_channel_logger() is None
+
+
 # ----------------------------------------------------------------------------- real training_log
 
 
@@ -558,6 +571,16 @@ def test_train_step_wrapper_refuses_a_forward_step_without_channel_metrics(megat
     batches = [microbatch(0, i) for i in range(MICROBATCHES)]
     with pytest.raises(ChannelMetricsError, match="lack.*make_forward_step"):
         wrapped(stock_forward_step, batches, [None], None, None, None, sequential_forward_backward)
+
+
+@pytest.mark.timeout(60)
+def test_train_step_wrapper_refuses_full_iteration_cuda_graphs(megatron_globals):
+    args, _ = megatron_globals
+    args.cuda_graph_impl = "full_iteration"
+    wrapped = wrap_train_step(train_step_stand_in, ChannelLogger(CONFIG))
+    with pytest.raises(MegatronInternalsError, match="--cuda-graph-impl full_iteration"):
+        wrapped(lambda *_: pytest.fail("no microbatch may run"), [], [None], None, None, None,
+                sequential_forward_backward)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -6,7 +6,7 @@ microbatches per rank through ``make_forward_step`` on a real tiny ``GPTModel``,
 
 * DP=2 (world 2, tp=1), TP=2 (world 2, tp=2) and DP=2 x TP=2 (world 4).
 * Data-parallel ranks whose batches hold disjoint channel sets; a microbatch whose
-  loss_mask is all 0; a channel present only in that microbatch (zero tokens globally)
+  loss_mask is all 0; a data-parallel rank (DP=3) with no loss token at all; a channel present only in that microbatch (zero tokens globally)
   and a channel that never appears: both must be left out of the reduced result (not NaN).
 * Packed rows (``cu_seqlens``, zero-length padding sequences, extra ``channels``
   columns) under TP=2.
@@ -56,6 +56,12 @@ UNPACKED_PLANS = {
         [([0, 1], False), ([1, -1], False), ([0, 0], False)],
         [([2, 2], False), ([MUTED, -1], True), ([2, -1], False)],
     ],
+    # DP rank 2 has no loss token at all in the iteration.
+    3: [
+        [([0, 1], False), ([1, -1], False), ([0, 0], False)],
+        [([2, 2], False), ([MUTED, -1], True), ([2, -1], False)],
+        [([1, 2], True), ([0, -1], True), ([MUTED, MUTED], True)],
+    ],
 }
 
 # Packed microbatches per DP rank: per row, cu_seqlens (5 entries: up to 4 sequences,
@@ -70,6 +76,11 @@ PACKED_PLANS = {
     2: [
         [([[0, 5, 9, 16, 16], [0, 16, 16, 16, 16]], [[0, 1, -1, 0, 2], [1, 0, 0, 0, 1]])],
         [([[0, 3, 8, 12, 16], [0, 7, 16, 16, 16]], [[2, 2, 2, -1, 0], [MUTED, 2, 1, 1, 1]])],
+    ],
+    3: [
+        [([[0, 5, 9, 16, 16], [0, 16, 16, 16, 16]], [[0, 1, -1, 0, 2], [1, 0, 0, 0, 1]])],
+        [([[0, 3, 8, 12, 16], [0, 7, 16, 16, 16]], [[2, 2, 2, -1, 0], [MUTED, 2, 1, 1, 1]])],
+        [([[0, 16, 16, 16, 16], [0, 8, 16, 16, 16]], [[MUTED, 0, 0, 0, 0], [MUTED, MUTED, 1, 1, 1]])],
     ],
 }
 # Packed sequences of channel MUTED get a zero loss_mask (see packed_microbatch).
@@ -377,6 +388,15 @@ def run_and_check(world_size: int, tp: int, timeout: float) -> None:
 def test_data_parallel_2():
     """DP=2: disjoint channel sets per rank, a masked-out microbatch, channels without tokens."""
     run_and_check(world_size=2, tp=1, timeout=75)
+
+
+@pytest.mark.timeout(90)
+def test_data_parallel_3_with_a_rank_without_loss_tokens():
+    """DP=3: rank 2 has no loss token in any microbatch; it still reports every key and
+    reduces to the same values as the others."""
+    batches = make_batches(3)
+    assert all(float(b["loss_mask"].sum()) == 0 for kind in batches for b in batches[kind][2])
+    run_and_check(world_size=3, tp=1, timeout=75)
 
 
 @pytest.mark.timeout(90)

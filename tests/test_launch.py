@@ -122,6 +122,7 @@ def _bad_flags_worker(rank, world_size, data_dir, flags):
         ((), "no channels"),
         (("--channels-from-blend", "a", "b"), "but the blend has 3"),
         (("--channels", "math", "--channels-from-blend", "copy", "count", "noise"), "which is not in --channels"),
+        (("--channels", "copy", "count", "noise"), "carry no channel field, so with --untracked-channels error"),
     ],
 )
 def test_bad_channel_flags_stop_before_pretrain(tmp_path, flags, match):

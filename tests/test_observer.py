@@ -91,3 +91,33 @@ def test_forward_step_takes_the_schedules_extra_arguments(megatron_cpu):
         output, loss_func = forward_step(iter([make_batch(gen, packed=False)]), model, *extra)
         assert isinstance(output, torch.Tensor) and output.shape == (3, S)
         assert list(loss_func(output)[2]) == ["lm loss"] + CONFIG.metric_keys()
+
+
+class SchedulePlanRecorder(torch.nn.Module):
+    """A model chunk with ``build_schedule_plan``, as Megatron's combined 1F1B schedule calls it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+        self.plan_calls = []
+
+    def build_schedule_plan(self, *args, **kwargs):
+        self.plan_calls.append((args, kwargs))
+        return "plan"
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("return_schedule_plan=True must build a schedule plan, not run forward")
+
+
+@pytest.mark.timeout(60)
+def test_return_schedule_plan_builds_the_plan_with_the_model_inputs(megatron_cpu):
+    torch.manual_seed(0)
+    model = SchedulePlanRecorder(tiny_gpt(vocab_size=VOCAB, seq_length=S))
+    batch = make_batch(torch.Generator().manual_seed(0), packed=False)
+    output, loss_func = make_forward_step(CONFIG)(iter([batch]), model, None, return_schedule_plan=True)
+    assert output == "plan" and len(model.plan_calls) == 1
+    (tokens, position_ids, attention_mask), kwargs = model.plan_calls[0]
+    assert torch.equal(tokens, batch["tokens"]) and torch.equal(position_ids, batch["position_ids"])
+    assert torch.equal(kwargs["labels"], batch["labels"]) and torch.equal(kwargs["loss_mask"], batch["loss_mask"])
+    assert kwargs["packed_seq_params"] is None
+    assert loss_func.keywords["channels"].tolist() == batch["channels"].tolist()

@@ -117,19 +117,16 @@ def row_stats(masked_losses: Tensor, loss_mask: Tensor, rows: int) -> Tensor:
         masked_losses, loss_mask: ``[rows * s]`` float32.
 
     Returns:
-        ``[2, rows]`` float64.
+        ``[2, rows]`` float32, each row summed like stock ``lm loss`` (one float32 reduction).
     """
-    return torch.stack([
-        masked_losses.view(rows, -1).sum(1, dtype=torch.float64),
-        loss_mask.view(rows, -1).sum(1, dtype=torch.float64),
-    ])
+    return torch.stack([masked_losses.view(rows, -1), loss_mask.view(rows, -1)]).sum(2)
 
 
 def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels: int) -> Tensor:
     """Add each segment's ``[loss_sum, token_count]`` into its channel.
 
     Args:
-        segment_stats: ``[2, N]`` float64, ``[loss_sum, token_count]`` per segment.
+        segment_stats: ``[2, N]`` float64 or float32, ``[loss_sum, token_count]`` per segment.
         segment_channels: ``[N]`` integer channel id per segment; ``-1`` = untracked.
         num_channels: K.
 

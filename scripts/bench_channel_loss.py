@@ -16,8 +16,8 @@ with perf_counter); CUDA when available (CUDA events). Median of many runs after
 On CUDA also the extra peak memory of ours over stock, in bytes per token.
 
 Also the CPU demo's training step (scripts/demo_cpu.py's model and microbatch, forward +
-backward + loss) with stock loss and with ours, interleaved, to put the accounting cost in
-proportion.
+backward + loss) with stock loss, stock loss again (the noise floor) and ours, in shuffled
+order, to put the accounting cost in proportion.
 
     python scripts/bench_channel_loss.py                 # full grid, writes docs/performance.md
     python scripts/bench_channel_loss.py --quick         # a small grid, prints only
@@ -177,8 +177,12 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
     return rows
 
 
-def demo_step_times(steps: int) -> dict:
-    """Forward + backward + loss of the CPU demo's model and microbatch, stock vs ours, interleaved."""
+def demo_step_times(rounds: int) -> dict:
+    """Forward + backward + loss of the CPU demo's model and microbatch: stock, stock again and
+    ours, in a shuffled order every round, so drift hits all three alike and stock vs stock
+    shows the noise floor. Also the loss_func alone, stock vs ours."""
+    import random
+
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from demo_cpu import SEQ
     from make_tiny_data import VOCAB
@@ -198,30 +202,32 @@ def demo_step_times(steps: int) -> dict:
     mask = torch.ones(rows, SEQ)
     channels = torch.tensor([0, 1, 2, 2])
 
-    def step(with_channels: bool):
-        output = model(tokens, positions, causal, labels=tokens.roll(-1, 1))
-        if with_channels:
-            loss, num_tokens, _ = channel_loss_func(output, loss_mask=mask, channels=channels, config=config,
-                                                    validate=False)
-        else:
-            loss, num_tokens, _ = stock_loss_func(mask, output)
-        (loss / num_tokens).backward()
-        model.zero_grad(set_to_none=True)
+    def ours(output):
+        return channel_loss_func(output, loss_mask=mask, channels=channels, config=config, validate=False)
 
-    times = {False: [], True: []}
-    for i in range(steps + 10):
-        for with_channels in ((False, True) if i % 2 else (True, False)):
+    def stock(output):
+        return stock_loss_func(mask, output)
+
+    arms = {"stock": stock, "stock again": stock, "ours": ours}
+    times = {name: [] for name in arms}
+    order = list(arms)
+    shuffle = random.Random(0).shuffle
+    for i in range(rounds + 10):
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            step(with_channels)
+            output = model(tokens, positions, causal, labels=tokens.roll(-1, 1))
+            loss, num_tokens, _ = arms[name](output)
+            (loss / num_tokens).backward()
+            model.zero_grad(set_to_none=True)
             if i >= 10:
-                times[with_channels].append((time.perf_counter() - start) * 1e6)
-    output = model(tokens, positions, causal, labels=tokens.roll(-1, 1)).detach()
+                times[name].append((time.perf_counter() - start) * 1e6)
+    output = model(tokens, positions, causal, labels=tokens.roll(-1, 1))
     median_us = timer(torch.device("cpu"))
-    loss_stock = median_us(lambda: stock_loss_func(mask, output), 2000)
-    loss_ours = median_us(lambda: channel_loss_func(output, loss_mask=mask, channels=channels, config=config,
-                                                    validate=False), 2000)
-    return dict(step_stock=statistics.median(times[False]), step_ours=statistics.median(times[True]),
-                loss_stock=loss_stock, loss_ours=loss_ours, tokens=rows * SEQ, steps=steps)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    return dict(step_stock=step["stock"], step_stock_again=step["stock again"], step_ours=step["ours"],
+                loss_stock=median_us(lambda: stock(output), 2000), loss_ours=median_us(lambda: ours(output), 2000),
+                tokens=rows * SEQ, rounds=rounds)
 
 
 HEADER = ("| device | T | seqs | K | stock us | ours us | loop us | ours+key-sync us | prefix path us | ours/stock "
@@ -266,13 +272,14 @@ def targets(rows: list[dict], demo: dict | None) -> list[str]:
                      f"(T={worst['tokens'] // 1024}k, {worst['sequences']} seqs, K={worst['channels']}) -> "
                      f"{'PASS' if ok else 'FAIL'}")
     if demo:
-        added = (demo["loss_ours"] - demo["loss_stock"]) / demo["step_stock"]
-        lines.append(f"- CPU accounting cost in the demo's step: loss_func {demo['loss_ours']:.1f} us vs stock "
-                     f"{demo['loss_stock']:.1f} us on a {demo['step_stock'] / 1000:.2f} ms forward+backward+loss "
-                     f"step ({demo['tokens']} tokens): +{100 * added:.2f}% -> {'PASS' if added <= 0.01 else 'FAIL'} "
-                     f"(target <= 1%); whole step measured interleaved over {demo['steps']} steps: ours/stock = "
-                     f"{demo['step_ours'] / demo['step_stock']:.3f} (step-to-step noise is larger than the "
-                     "accounting, so the isolated loss_func difference is the figure to judge)")
+        added = demo["step_ours"] / demo["step_stock"] - 1
+        noise = demo["step_stock_again"] / demo["step_stock"] - 1
+        isolated = (demo["loss_ours"] - demo["loss_stock"]) / demo["step_stock"]
+        lines.append(f"- CPU accounting cost in the demo's training step (forward + backward + loss, "
+                     f"{demo['tokens']} tokens, {demo['step_stock'] / 1000:.2f} ms): {100 * added:+.2f}% -> "
+                     f"{'PASS' if added <= 0.01 else 'FAIL'} (target <= 1%; median over {demo['rounds']} shuffled "
+                     f"rounds; stock vs stock again: {100 * noise:+.2f}%). The loss_func alone: "
+                     f"{demo['loss_ours']:.1f} us vs stock {demo['loss_stock']:.1f} us, {100 * isolated:+.2f}% of the step")
     return lines
 
 
@@ -307,6 +314,12 @@ NOTES = """## Notes
 - Both paths do work independent of the number of sequences except the `N`-sized steps; the
   loop pays a slice-and-sum per sequence (several microseconds each on a CPU), which is why
   it wins only at one or a few sequences.
+- The demo's step is a tiny model (hidden 64, 2 layers, 256 tokens), so its ~8 ms are
+  themselves small-op dispatch, and the accounting's dozen small ops (a few microseconds
+  each when timed alone, about twice that inside a training step, where their code is no
+  longer in the CPU's caches) are a fixed cost of ~70-130 us per microbatch. Against a
+  larger model's step the same cost is proportionally smaller; on a GPU these ops are
+  asynchronous launches (see the GPU rows when measured).
 """
 
 
@@ -333,7 +346,7 @@ def main(argv=None) -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(HEADER)
     rows = [row for device in devices for row in bench_grid(device, grid, runs)]
-    demo = None if opts.no_demo_step else demo_step_times(20 if opts.quick else 200)
+    demo = None if opts.no_demo_step else demo_step_times(20 if opts.quick else 600)
     verdict = targets(rows, demo)
     print("\n".join(verdict))
 

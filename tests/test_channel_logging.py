@@ -50,7 +50,7 @@ import megatron.training.training as training
 from megatron.training import global_vars
 from megatron.training.arguments import add_megatron_arguments, validate_args
 
-from megatron_channel import ChannelConfig, channel_loss_func
+from megatron_channel import ChannelConfig, channel_loss_func, segments
 from megatron_channel.channel_logging import (
     ChannelAccountant,
     ChannelLogger,
@@ -219,8 +219,10 @@ def test_split_channel_metrics_rejects_mismatched_configs():
 
 
 @pytest.mark.timeout(30)
-def test_capture_adds_no_host_sync_or_collective_to_loss_func():
-    """The captured loss_func only stacks tensors: no value read, no collective, per microbatch."""
+def test_capture_adds_no_host_sync_or_collective_to_loss_func(monkeypatch):
+    """The captured loss_func only stacks tensors: no value read, no collective, per microbatch
+    (CPU tensors summed the way GPU tensors are, since numpy reads CPU values by design)."""
+    monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
     losses, mask, channels = torch.rand(2, 6), torch.ones(2, 6), torch.tensor([0, 2])
     captured = []
     loss_func = capturing_loss_func(

@@ -2,8 +2,8 @@
 
 Every function here takes tensors and returns tensors of shapes that depend only on
 input shapes, never on values. On a GPU none of them reads a value on the host, so none
-makes the host wait for the GPU; on CPU tensors ``sequence_stats`` reads values through
-numpy, which costs no wait there.
+makes the host wait for the GPU; on CPU tensors ``sequence_stats`` and ``channel_totals``
+sum with numpy (``summed_on_host``), where reading values makes nothing wait.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ _TOKEN_LOG_PREFIX = "tokens_"
 
 def check_prefix(prefix, what: str = "prefix") -> None:
     """``ValueError`` naming ``what`` (e.g. the flag it came from) unless ``prefix`` can start keys."""
-    if not isinstance(prefix, str) or not prefix or prefix.startswith(_TOKEN_LOG_PREFIX):
+    if not isinstance(prefix, str):
+        raise ValueError(f"{what} = {prefix!r}; give a string such as 'loss_'")
+    if not prefix or prefix.startswith(_TOKEN_LOG_PREFIX):
         raise ValueError(
             f"{what} = {prefix!r} would make channel keys that are bare names or clash with the token "
             f"logs ({_TOKEN_LOG_PREFIX}<name>); use a non-empty prefix such as 'loss_'"

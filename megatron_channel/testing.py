@@ -14,11 +14,15 @@ and nowhere else:
 The local attention asserts ``packed_seq_params is None``; ``block_causal_mask`` builds the
 equivalent block-diagonal causal mask so a packed row can run on a CPU.
 Nothing else of Megatron is replaced.
+
+``summing_like_a_gpu`` makes CPU tensors take the torch summing path of
+``megatron_channel.segments`` that GPU tensors take, so CPU tests and benchmarks check it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -104,6 +108,19 @@ def tiny_gpt(vocab_size: int = 64, seq_length: int = 32, **config_kwargs):
         position_embedding_type="learned_absolute",
         parallel_output=True,
     )
+
+
+@contextlib.contextmanager
+def summing_like_a_gpu():
+    """While the block runs, CPU tensors are summed by the torch ops GPU tensors take, not numpy."""
+    from . import segments
+
+    original = segments.summed_on_host
+    segments.summed_on_host = lambda tensor: False
+    try:
+        yield
+    finally:
+        segments.summed_on_host = original
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:

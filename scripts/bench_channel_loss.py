@@ -26,10 +26,10 @@ order, to put the accounting cost in proportion.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -83,19 +83,6 @@ def make_case(tokens: int, sequences: int, num_channels: int, device: torch.devi
     cu, channels, output, mask = (t.to(device) for t in (cu, channels, output, mask))
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
     return output, mask, cu, channels, config, packed
-
-
-@contextlib.contextmanager
-def summing_like_a_gpu():
-    """CPU tensors summed by the torch ops GPU tensors take, instead of numpy."""
-    from megatron_channel import segments
-
-    original = segments.summed_on_host
-    segments.summed_on_host = lambda tensor: False
-    try:
-        yield
-    finally:
-        segments.summed_on_host = original
 
 
 def timer(device: torch.device):
@@ -163,6 +150,8 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
             return key_sync(ours()[2])
 
         def prefix_path():
+            from megatron_channel.testing import summing_like_a_gpu
+
             with summing_like_a_gpu():
                 return ours()
 
@@ -181,8 +170,6 @@ def demo_step_times(rounds: int) -> dict:
     """Forward + backward + loss of the CPU demo's model and microbatch: stock, stock again and
     ours, in a shuffled order every round, so drift hits all three alike and stock vs stock
     shows the noise floor. Also the loss_func alone, stock vs ours."""
-    import random
-
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     from demo_cpu import SEQ
     from make_tiny_data import VOCAB

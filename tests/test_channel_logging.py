@@ -50,7 +50,7 @@ import megatron.training.training as training
 from megatron.training import global_vars
 from megatron.training.arguments import add_megatron_arguments, validate_args
 
-from megatron_channel import ChannelConfig, channel_loss_func, segments
+from megatron_channel import ChannelConfig, channel_loss_func
 from megatron_channel.channel_logging import (
     ChannelAccountant,
     ChannelLogger,
@@ -73,7 +73,7 @@ from megatron_channel.channel_logging import (
     wrap_evaluate_and_print_results,
     wrap_train_step,
 )
-from megatron_channel.testing import init_parallel, run_distributed, tiny_gpt
+from megatron_channel.testing import init_parallel, run_distributed, summing_like_a_gpu, tiny_gpt
 
 CONFIG = ChannelConfig(["math", "code", "chat"])
 NAMES = CONFIG.channels
@@ -219,10 +219,9 @@ def test_split_channel_metrics_rejects_mismatched_configs():
 
 
 @pytest.mark.timeout(30)
-def test_capture_adds_no_host_sync_or_collective_to_loss_func(monkeypatch):
+def test_capture_adds_no_host_sync_or_collective_to_loss_func():
     """The captured loss_func only stacks tensors: no value read, no collective, per microbatch
     (CPU tensors summed the way GPU tensors are, since numpy reads CPU values by design)."""
-    monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
     losses, mask, channels = torch.rand(2, 6), torch.ones(2, 6), torch.tensor([0, 2])
     captured = []
     loss_func = capturing_loss_func(
@@ -238,7 +237,8 @@ def test_capture_adds_no_host_sync_or_collective_to_loss_func(monkeypatch):
     try:
         for owner, name, _ in saved:
             setattr(owner, name, fail)
-        loss, num_tokens, metrics = loss_func(losses)
+        with summing_like_a_gpu():
+            loss, num_tokens, metrics = loss_func(losses)
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)

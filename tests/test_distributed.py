@@ -6,8 +6,9 @@ microbatches per rank through ``make_forward_step`` on a real tiny ``GPTModel``,
 
 * DP=2 (world 2, tp=1), TP=2 (world 2, tp=2) and DP=2 x TP=2 (world 4).
 * Data-parallel ranks whose batches hold disjoint channel sets; a microbatch whose
-  loss_mask is all 0; a data-parallel rank (DP=3) with no loss token at all; a channel present only in that microbatch (zero tokens globally)
+  loss_mask is all 0; a channel present only in that microbatch (zero tokens globally)
   and a channel that never appears: both must be left out of the reduced result (not NaN).
+* A data-parallel rank (DP=3) with no loss token in the whole iteration.
 * Packed rows (``cu_seqlens``, zero-length padding sequences, extra ``channels``
   columns) under TP=2.
 

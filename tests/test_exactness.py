@@ -40,9 +40,15 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step, segments
+from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segments import thd_partition_index
-from megatron_channel.testing import block_causal_mask, init_parallel, init_single_process_group, tiny_gpt
+from megatron_channel.testing import (
+    block_causal_mask,
+    init_parallel,
+    init_single_process_group,
+    summing_like_a_gpu,
+    tiny_gpt,
+)
 
 VOCAB = 64
 MAX_SEQ = 96  # learned absolute positions: every row (packed or not) must fit
@@ -101,10 +107,14 @@ class MaskOnlyAttention(torch.nn.Module):
         return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
 
 
-def sum_like_a_gpu_on_odd_seeds(monkeypatch, seed: int) -> None:
+@pytest.fixture
+def gpu_summing_on_odd_seeds(seed):
     """Odd seeds sum CPU tensors with the torch ops GPU tensors take instead of numpy."""
     if seed % 2:
-        monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
+        with summing_like_a_gpu():
+            yield
+    else:
+        yield
 
 
 # --------------------------------------------------------------------------- reference helpers
@@ -331,8 +341,7 @@ def test_unpacked_rows_through_forward_step(gpt, seed):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(PACKED_CASES))
-def test_packed_rows_channel_loss_func(gpt, seed, monkeypatch):
-    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
+def test_packed_rows_channel_loss_func(gpt, seed, gpu_summing_on_odd_seeds):
     rng, gen = random.Random(1000 + seed), torch.Generator().manual_seed(1000 + seed)
     config = random_config(rng)
     k = config.num_channels
@@ -405,8 +414,7 @@ def random_cp_cu(rng: random.Random, cp: int) -> list[int]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("cp", [1, 2, 4])
 @pytest.mark.parametrize("seed", range(CP_CASES_PER_SIZE))
-def test_context_parallel_ranks_sum_to_global(gpt, cp, seed, monkeypatch):
-    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
+def test_context_parallel_ranks_sum_to_global(gpt, cp, seed, gpu_summing_on_odd_seeds):
     rng, gen = random.Random(2000 + 100 * cp + seed), torch.Generator().manual_seed(2000 + 100 * cp + seed)
     config = random_config(rng)
     k = config.num_channels
@@ -481,8 +489,7 @@ def test_context_parallel_ranks_sum_to_global(gpt, cp, seed, monkeypatch):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("seed", range(MODEL_PACKED_CASES))
-def test_packed_row_matches_sequences_alone(gpt, seed, monkeypatch):
-    sum_like_a_gpu_on_odd_seeds(monkeypatch, seed)
+def test_packed_row_matches_sequences_alone(gpt, seed, gpu_summing_on_odd_seeds):
     rng, gen = random.Random(3000 + seed), torch.Generator().manual_seed(3000 + seed)
     config = random_config(rng)
     k = config.num_channels

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_channel import ChannelConfig, channel_loss_func, segments
+from megatron_channel import ChannelConfig, channel_loss_func
+from megatron_channel.testing import summing_like_a_gpu
 
 HOST_READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero", "__len__"]
 COLLECTIVES = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
@@ -29,9 +30,10 @@ class HostSync(AssertionError):
 
 
 @pytest.fixture
-def gpu_summing(monkeypatch):
+def gpu_summing():
     """Sum CPU tensors the way GPU tensors are summed (torch ops only)."""
-    monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
+    with summing_like_a_gpu():
+        yield
 
 
 @contextlib.contextmanager

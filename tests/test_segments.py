@@ -17,16 +17,19 @@ import torch
 
 from megatron_channel import segments
 from megatron_channel.segments import channel_totals, sequence_stats, sequence_stats_prefix, sequence_stats_reduceat
+from megatron_channel.testing import summing_like_a_gpu
 
 CASES = 2000
 
 
 @pytest.fixture(params=["host", "torch"])
-def summing(request, monkeypatch):
+def summing(request):
     """``host``: numpy on CPU tensors, as in CPU runs; ``torch``: the path GPU tensors take."""
-    if request.param == "torch":
-        monkeypatch.setattr(segments, "summed_on_host", lambda tensor: False)
-    return request.param
+    if request.param == "host":
+        yield request.param
+    else:
+        with summing_like_a_gpu():
+            yield request.param
 
 
 def random_boundaries(rng: random.Random, tokens: int) -> list[int]:

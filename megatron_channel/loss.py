@@ -8,7 +8,7 @@ from torch import Tensor
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from .config import ChannelConfig
-from .segments import channel_totals, local_boundaries, row_stats, sequence_stats
+from .segments import channel_totals, local_boundaries, row_channel_totals, sequence_stats
 from .validate import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
 
 
@@ -100,17 +100,15 @@ def channel_loss_func(
         rows = output_tensor.shape[0]
         if validate:
             check_row_channels(channels, rows)
-        segment_channels = channels.view(-1)
-        segment_stats = row_stats(masked_losses, mask, rows)
+        totals = row_channel_totals(masked_losses, mask, rows, channels, config.num_channels)
     else:
         cp = default_cp_size() if cp_size is None else cp_size
         cu = packed_boundaries(packed_seq_params)
         if validate:
             check_cu_seqlens(cu, losses.numel() * cp, cp_size=cp)
             check_packed_channels(channels, cu)
-        segment_channels = channels.reshape(-1)[: cu.numel() - 1]
         segment_stats = sequence_stats(masked_losses, mask, local_boundaries(cu, cp))
+        totals = channel_totals(segment_stats, channels.reshape(-1)[: cu.numel() - 1], config.num_channels)
 
-    totals = channel_totals(segment_stats, segment_channels, config.num_channels)
     metrics.update(zip(config.metric_keys(), totals.unbind(0)))
     return loss, num_tokens, metrics

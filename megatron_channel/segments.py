@@ -8,6 +8,8 @@ sum with numpy (``summed_on_host``), where reading values makes nothing wait.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -39,7 +41,7 @@ def summed_on_host(tensor: Tensor) -> bool:
     cheap call, and reading CPU values makes nothing wait. Elsewhere (GPU) the torch
     versions run: no value is read on the host.
     """
-    return tensor.device.type == "cpu"
+    return tensor.is_cpu
 
 
 def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
@@ -110,16 +112,34 @@ def sequence_stats_reduceat(masked_losses: Tensor, loss_mask: Tensor, boundaries
     return torch.from_numpy(stats)
 
 
-def row_stats(masked_losses: Tensor, loss_mask: Tensor, rows: int) -> Tensor:
-    """``[loss_sum, token_count]`` of each unpacked row.
+@functools.lru_cache(maxsize=None)
+def _channel_column(num_channels: int, device: torch.device) -> Tensor:
+    """``[K, 1]`` int64 ``0..K-1``, kept so the row path does not build it every microbatch."""
+    return torch.arange(num_channels, device=device).view(-1, 1)
+
+
+def row_channel_totals(masked_losses: Tensor, loss_mask: Tensor, rows: int, channels: Tensor, num_channels: int) -> Tensor:
+    """Per-channel ``[loss_sum, token_count]`` of unpacked rows, one channel id per row.
+
+    A one-hot ``[K, R]`` matrix times the ``[R, 2]`` row sums: a handful of ops whatever the
+    device, so the CPU pays little dispatch and a GPU reads no value on the host. Untracked
+    rows (-1) match no channel. Sums are float64, so the product is exact to float64 rounding
+    and no TF32 matmul setting can touch it.
 
     Args:
-        masked_losses, loss_mask: ``[rows * s]`` float32.
+        masked_losses, loss_mask: ``[R * s]`` float32 (no autograd history).
+        rows: R.
+        channels: ``[R]`` integer channel id per row; ``-1`` = untracked (another length makes
+            the product fail, never regroup the rows).
+        num_channels: K.
 
     Returns:
-        ``[2, rows]`` float32, each row summed like stock ``lm loss`` (one float32 reduction).
+        ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent), on the
+        tokens' device.
     """
-    return torch.stack([masked_losses.view(rows, -1), loss_mask.view(rows, -1)]).sum(2)
+    row_sums = torch.stack([masked_losses, loss_mask], 1).view(rows, -1, 2).sum(1, dtype=torch.float64)
+    one_hot = (_channel_column(num_channels, channels.device) == channels).to(torch.float64)
+    return torch.mm(one_hot, row_sums).float()
 
 
 def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels: int) -> Tensor:

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from megatron_channel import segments
-from megatron_channel.segments import channel_totals, sequence_stats, sequence_stats_prefix, sequence_stats_reduceat
+from megatron_channel.segments import (
+    channel_totals,
+    row_channel_totals,
+    sequence_stats,
+    sequence_stats_prefix,
+    sequence_stats_reduceat,
+)
 from megatron_channel.testing import summing_like_a_gpu
 
 CASES = 2000
@@ -101,3 +107,31 @@ def test_both_paths_agree_on_large_microbatches():
 def test_cpu_tensors_are_summed_on_the_host():
     assert segments.summed_on_host(torch.zeros(1))
     assert not segments.summed_on_host(torch.zeros(1, device="meta"))
+
+
+def test_row_channel_totals_match_the_reference():
+    """Unpacked rows: each row is one sequence of the reference, its channel the row's id."""
+    rng = random.Random(7)
+    for case in range(CASES // 4):
+        rows, length, k = rng.randint(1, 9), rng.choice([1, 2, 5, rng.randint(6, 70)]), rng.randint(1, 6)
+        tokens = rows * length
+        channels = [rng.choice([-1, *range(k)]) for _ in range(rows)]
+        losses = [rng.uniform(0, 10) for _ in range(tokens)]
+        mask = [float(rng.random() < rng.choice([0.0, 0.5, 1.0])) for _ in range(tokens)]
+        _, want = reference(losses, mask, list(range(0, tokens + 1, length)), channels, k)
+        mask_t = torch.tensor(mask, dtype=torch.float32)
+        masked = torch.tensor(losses, dtype=torch.float32) * mask_t
+        ids = torch.tensor(channels, dtype=rng.choice([torch.int32, torch.int64]))
+        totals = row_channel_totals(masked, mask_t, rows, ids, k)
+        where = f"case {case}: rows={rows} length={length} k={k} channels={channels}"
+        assert totals.dtype == torch.float32 and totals.shape == (k, 2), where
+        torch.testing.assert_close(totals.double(), want, rtol=1e-6, atol=1e-4, msg=where)
+        assert torch.equal(totals[:, 1].double(), want[:, 1]), f"{where}: channel counts"
+        absent = want[:, 1] == 0
+        assert torch.equal(totals[absent], torch.zeros(int(absent.sum()), 2)), f"{where}: absent channel not [0, 0]"
+
+
+def test_row_channel_totals_refuse_a_channel_list_of_another_length():
+    """Two ids for four rows must fail, not sum the rows in pairs."""
+    with pytest.raises(RuntimeError):
+        row_channel_totals(torch.ones(8), torch.ones(8), 4, torch.tensor([0, 1]), 2)

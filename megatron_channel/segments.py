@@ -137,9 +137,9 @@ def row_channel_totals(masked_losses: Tensor, loss_mask: Tensor, rows: int, chan
         ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent), on the
         tokens' device.
     """
-    row_sums = torch.stack([masked_losses, loss_mask], 1).view(rows, -1, 2).sum(1, dtype=torch.float64)
-    one_hot = (_channel_column(num_channels, channels.device) == channels).to(torch.float64)
-    return torch.mm(one_hot, row_sums).float()
+    row_sums = torch.cat([masked_losses, loss_mask]).view(2, rows, -1).sum(2, dtype=torch.float64)  # [2, R]
+    one_hot = (_channel_column(num_channels, channels.device) == channels).to(torch.float64)  # [K, R]
+    return torch.mm(one_hot, row_sums.t()).float()
 
 
 def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels: int) -> Tensor:

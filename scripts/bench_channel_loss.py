@@ -331,28 +331,35 @@ def machine() -> str:
 
 NOTES = """## Notes
 
-- GPU half: run `python scripts/bench_channel_loss.py` on a machine with CUDA; it adds the
-  `cuda` rows (CUDA events) with the extra peak memory, and judges the GPU targets above.
-  End to end through Megatron's `pretrain()`: `python scripts/bench_pretrain.py` (the tiny
-  blend config with and without channel tracking, `--disable-channel-loss`, alternating,
-  median iteration time after warm-up, target ratio <= 1.005).
-- Two summing paths (`megatron_channel/segments.py`). CUDA tensors: two prefix scans over
-  the tokens (float64 losses, float32 mask), a gather at the `N + 1` sequence boundaries and
-  one `index_add_` of `N` pairs into `K + 1` bins; no value read on the host, no collective.
+- GPU half: `./scripts/bench_gpu.sh` on a machine with CUDA runs the no-sync tests
+  (`tests/test_no_sync_cuda.py`), this benchmark (adding the `cuda` rows, CUDA events, with
+  the extra peak memory, and judging the GPU targets above) and `scripts/bench_pretrain.py`
+  (the tiny blend config through Megatron's `pretrain()` with and without channel tracking,
+  `--disable-channel-loss`, alternating, median iteration time after warm-up, target ratio
+  <= 1.005).
+- Packed rows (`megatron_channel/segments.py`). CUDA tensors: two prefix scans over the
+  tokens (float64 losses, float32 mask), a gather at the `N + 1` sequence boundaries and one
+  `index_add_` of `N` pairs into `K + 1` bins; no value read on the host, no collective.
   Extra memory by construction: the two `[T + 1]` prefixes, 12 bytes per token (the CUDA
   rows measure it). CPU tensors: numpy's `add.reduceat` (one vectorized pass per array, no
   copy of the tokens) and `bincount`: on a CPU torch's scan is a serial loop of about 1 ns
-  per token and every torch op costs microseconds of dispatch, so the prefix path costs
-  ~0.4 ms at 128k tokens whatever the number of sequences.
-- Both paths do work independent of the number of sequences except the `N`-sized steps; the
-  loop pays a slice-and-sum per sequence (several microseconds each on a CPU), which is why
-  it wins only at one or a few sequences.
-- The demo's step is a tiny model (hidden 64, 2 layers, 256 tokens), so its ~8 ms are
-  themselves small-op dispatch, and the accounting's dozen small ops (a few microseconds
-  each when timed alone, about twice that inside a training step, where their code is no
-  longer in the CPU's caches) are a fixed cost of ~70-130 us per microbatch. Against a
-  larger model's step the same cost is proportionally smaller; on a GPU these ops are
-  asynchronous launches (see the GPU rows when measured).
+  per token and every torch op costs microseconds of dispatch, which is the `prefix path`
+  column.
+- Unpacked rows (the demo's layout), every device alike: the row sums of losses and mask
+  in float64 (one concatenation, one reduction), a `[K, R]` one-hot from comparing the row
+  ids with `0..K-1`, one float64 matrix product: six ops, none reading a value on the host,
+  and float64 so that no TF32 setting rounds the sums.
+- Both packed paths do work independent of the number of sequences except the `N`-sized
+  steps; the loop pays a slice-and-sum per sequence (several microseconds each on a CPU),
+  which is why it wins only at one or a few sequences.
+- The demo's step is a tiny model (hidden 64, 2 layers, 256 tokens), so its step is itself
+  small-op dispatch. Inside the step each op the accounting adds costs 15-30 us on this
+  machine, 3-8 us in a warm loop: after the forward its code is no longer in the CPU's
+  caches (the stock loss_func itself takes ~4x longer inside the step than alone). The
+  whole-step figure of one process moves by a few tenths of a percent from one process to
+  the next (memory layout), hence the median over fresh processes. Against a larger model's
+  step the same fixed cost is proportionally smaller; on a GPU these ops are asynchronous
+  launches.
 """
 
 

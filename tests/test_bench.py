@@ -37,3 +37,10 @@ def test_quick_benchmark_prints_its_table():
     assert "| device | T | seqs | K |" in proc.stdout
     assert proc.stdout.count("| cpu | 8k |") == 4
     assert "CPU loop/ours >= 10x" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the whole GPU half")
+def test_the_gpu_half_is_one_command_that_says_it_needs_a_gpu():
+    proc = subprocess.run([os.path.join(ROOT, "scripts", "bench_gpu.sh")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "bench_gpu.sh needs a CUDA GPU" in proc.stderr

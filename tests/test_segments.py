@@ -61,6 +61,15 @@ def reference(losses: list[float], mask: list[float], bounds: list[int], channel
     return torch.tensor(per_sequence, dtype=torch.float64).t(), torch.tensor(per_channel, dtype=torch.float64)
 
 
+def assert_channel_totals(totals, want, where: str) -> None:
+    """``totals`` is float32 ``[K, 2]``, close to the float64 reference, counts exact, absent ``[0, 0]``."""
+    assert totals.dtype == torch.float32 and totals.shape == want.shape, where
+    torch.testing.assert_close(totals.double(), want, rtol=1e-6, atol=1e-4, msg=where)
+    assert torch.equal(totals[:, 1].double(), want[:, 1]), f"{where}: channel counts"
+    absent = want[:, 1] == 0
+    assert torch.equal(totals[absent], torch.zeros(int(absent.sum()), 2)), f"{where}: absent channel not [0, 0]"
+
+
 @pytest.mark.parametrize("block", range(4))
 def test_sequence_stats_and_channel_totals_match_the_reference(summing, block):
     rng = random.Random(block)
@@ -84,11 +93,7 @@ def test_sequence_stats_and_channel_totals_match_the_reference(summing, block):
         assert torch.equal(stats[1], want_seq[1]), f"{where}: counts {stats[1].tolist()}"
 
         totals = channel_totals(stats, torch.tensor(channels, dtype=rng.choice([torch.int32, torch.int64])), k)
-        assert totals.dtype == torch.float32 and totals.shape == (k, 2), where
-        torch.testing.assert_close(totals.double(), want_channel, rtol=1e-6, atol=1e-4, msg=where)
-        assert torch.equal(totals[:, 1].double(), want_channel[:, 1]), f"{where}: channel counts"
-        absent = want_channel[:, 1] == 0
-        assert torch.equal(totals[absent], torch.zeros(int(absent.sum()), 2)), f"{where}: absent channel not [0, 0]"
+        assert_channel_totals(totals, want_channel, where)
 
 
 def test_both_paths_agree_on_large_microbatches():
@@ -123,12 +128,7 @@ def test_row_channel_totals_match_the_reference():
         masked = torch.tensor(losses, dtype=torch.float32) * mask_t
         ids = torch.tensor(channels, dtype=rng.choice([torch.int32, torch.int64]))
         totals = row_channel_totals(masked, mask_t, rows, ids, k)
-        where = f"case {case}: rows={rows} length={length} k={k} channels={channels}"
-        assert totals.dtype == torch.float32 and totals.shape == (k, 2), where
-        torch.testing.assert_close(totals.double(), want, rtol=1e-6, atol=1e-4, msg=where)
-        assert torch.equal(totals[:, 1].double(), want[:, 1]), f"{where}: channel counts"
-        absent = want[:, 1] == 0
-        assert torch.equal(totals[absent], torch.zeros(int(absent.sum()), 2)), f"{where}: absent channel not [0, 0]"
+        assert_channel_totals(totals, want, f"case {case}: rows={rows} length={length} k={k} channels={channels}")
 
 
 def test_row_channel_totals_refuse_a_channel_list_of_another_length():

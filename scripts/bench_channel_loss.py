@@ -234,6 +234,9 @@ def demo_step_times(rounds: int) -> dict:
                 tokens=rows * SEQ, rounds=rounds)
 
 
+DEMO_TAG = "demo-step: "  # marks the result line of a --demo-step-only process
+
+
 def demo_step_in_processes(processes: int, rounds: int) -> dict:
     """``demo_step_times`` in fresh processes one after another, each figure the median over them.
 
@@ -253,8 +256,6 @@ def demo_step_in_processes(processes: int, rounds: int) -> dict:
                   added_each=[r["added"] for r in results])
     return merged
 
-
-DEMO_TAG = "demo-step: "
 
 
 HEADER = ("| device | T | seqs | K | stock us | ours us | loop us | ours+key-sync us | prefix path us | ours/stock "

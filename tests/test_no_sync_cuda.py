@@ -43,10 +43,14 @@ def test_packed_channel_loss_func_does_not_sync(cp_size):
 @pytest.mark.timeout(120)
 def test_unpacked_channel_loss_func_does_not_sync():
     losses = torch.rand(4, 1024, device="cuda")
+    channels = torch.tensor([0, 5, -1, 5], device="cuda")
     with SyncIsAnError():
-        _, _, metrics = channel_loss_func(losses, loss_mask=torch.ones_like(losses), config=CONFIG,
-                                          channels=torch.tensor([0, 5, -1, 5], device="cuda"))
+        _, _, metrics = channel_loss_func(losses, loss_mask=torch.ones_like(losses), config=CONFIG, channels=channels)
     assert len(metrics) == 17
+    # The one-hot product on the GPU gives what the same rows give on the CPU.
+    _, _, on_cpu = channel_loss_func(losses.cpu(), loss_mask=torch.ones(4, 1024), config=CONFIG, channels=channels.cpu())
+    for key, value in on_cpu.items():
+        torch.testing.assert_close(metrics[key].cpu(), value, rtol=1e-6, atol=1e-4, msg=key)
 
 
 @pytest.mark.timeout(300)

@@ -26,6 +26,13 @@ from .datasets import blend_component_paths, tag_datasets
 from .forward_step import make_forward_step
 from .loss import stock_loss_func
 from .sft import sft_dataset_class
+from .startup import (
+    apply_defaults_without_apex,
+    check_cpu_args,
+    cpu_argv,
+    require_cuda_or_cpu,
+    skip_built_dataset_helpers,
+)
 
 
 def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
@@ -146,6 +153,10 @@ def add_launch_args(parser):
     """Megatron's ``extra_args_provider``: the channel flags plus this script's own."""
     add_channel_args(parser)
     group = parser.add_argument_group(title="channel loss launch")
+    group.add_argument("--cpu", action="store_true",
+                       help="Train on this machine's CPU over gloo through the same pretrain() (a dry run of "
+                            "the same flags without a GPU); sets --distributed-backend gloo --transformer-impl "
+                            "local --no-persist-layer-norm --no-gradient-accumulation-fusion --num-workers 0.")
     group.add_argument("--disable-channel-loss", action="store_true",
                        help="Train with Megatron's stock loss_func and logging, same data and batch path "
                             "(for A/B timing of the channel accounting).")
@@ -202,9 +213,19 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    argv, cpu = cpu_argv(sys.argv[1:] if argv is None else argv)
+    require_cuda_or_cpu(cpu)
+    if cpu:
+        from .cpu import install_cuda_on_cpu
+
+        install_cuda_on_cpu()
+    skip_built_dataset_helpers()
+    sys.argv = [sys.argv[0], *argv]
     args = parse_and_validate_args(extra_args_provider=add_launch_args)
+    args.cpu = cpu
+    apply_defaults_without_apex(args)
+    if cpu:
+        check_cpu_args(args)
     settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
     check_channel_source(args, settings)
     config = settings.channel_config()

@@ -1,0 +1,129 @@
+"""What a launch through Megatron's ``pretrain()`` needs before training starts.
+
+Two faults of the megatron-core 0.19 wheel stop any launch, GPU or not, and are fixed here:
+
+* ``initialize_megatron`` runs ``make`` in ``megatron/core/datasets`` on rank 0 to build the
+  dataset helpers. The wheel ships them built (``helpers_cpp*.so``) but no Makefile, so
+  ``make`` fails and rank 0 calls ``sys.exit(1)``. ``skip_built_dataset_helpers`` skips the
+  compile when ``helpers_cpp`` imports.
+* Megatron's defaults ``persist_layer_norm`` and ``gradient_accumulation_fusion`` need NVIDIA
+  Apex. ``apply_defaults_without_apex`` turns them off, with a note, when Apex is missing.
+
+``--cpu`` (``cpu_argv``) adds the flags a CPU run over gloo needs and installs
+``megatron_channel.cpu``; without it and without a GPU the launch stops naming ``--cpu``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+CPU_FLAG = "--cpu"
+# Megatron flags a CPU run needs; given first, so the user's own later values win where
+# they may (the checks in check_cpu_args refuse the ones that cannot work on a CPU).
+CPU_DEFAULT_FLAGS = (
+    "--distributed-backend", "gloo",
+    "--transformer-impl", "local",
+    "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion",
+    "--num-workers", "0",
+)
+CPU_ATTENTION_SPEC = ("megatron_channel.cpu", "gpt_layer_spec")
+
+
+class LaunchError(RuntimeError):
+    """The launch cannot start on this machine with these flags."""
+
+
+def skip_built_dataset_helpers() -> None:
+    """Make Megatron's dataset-helper compile a no-op when the built helpers import."""
+    from megatron.core.datasets import utils as dataset_utils
+
+    original = dataset_utils.compile_helpers
+    if getattr(original, "_skips_built_helpers", False):
+        return
+
+    def compile_helpers():
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            return original()  # a source checkout: build them as Megatron does
+        print("> dataset index helpers already built (megatron.core.datasets.helpers_cpp), not compiling", flush=True)
+
+    compile_helpers._skips_built_helpers = True
+    # initialize_megatron imports compile_helpers from this module when it calls it.
+    dataset_utils.compile_helpers = compile_helpers
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def apply_defaults_without_apex(args) -> list[str]:
+    """Turn off the Apex-only defaults when Apex is missing; returns the flags applied."""
+    applied = []
+    if not args.no_persist_layer_norm and not has_module("apex"):
+        # Without Apex the local spec's norm is torch's LayerNorm, which asserts this off.
+        args.no_persist_layer_norm = True
+        applied.append("--no-persist-layer-norm")
+    if args.gradient_accumulation_fusion and not has_module("fused_weight_gradient_mlp_cuda"):
+        # Megatron's ColumnParallelLinear (the output layer on every spec) raises without it.
+        args.gradient_accumulation_fusion = False
+        applied.append("--no-gradient-accumulation-fusion")
+    if applied and getattr(args, "rank", 0) == 0:
+        print(f"> NVIDIA Apex not found: training as with {' '.join(applied)}", flush=True)
+    return applied
+
+
+def cpu_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--cpu`` and, if it was there, with the CPU flags in front."""
+    if CPU_FLAG not in argv:
+        return list(argv), False
+    rest = [a for a in argv if a != CPU_FLAG]
+    return [*CPU_DEFAULT_FLAGS, *rest], True
+
+
+def require_cuda_or_cpu(cpu: bool) -> None:
+    if not cpu and not torch.cuda.is_available():
+        raise LaunchError(
+            "no CUDA GPU found: Megatron's pretrain() trains on GPUs. To train on this machine's "
+            "CPU over gloo (a dry run of the same flags), add --cpu"
+        )
+
+
+def needs_cpu_attention(args) -> bool:
+    """Megatron's local attention refuses packed rows (``cu_seqlens``) and CP > 1."""
+    packed = bool(args.sft or getattr(args, "dataloader_inter_document_masking", False))
+    return packed or args.context_parallel_size > 1
+
+
+def check_cpu_args(args) -> None:
+    """Refuse, naming the flag, what cannot run on the CPU; pick the CPU attention when needed."""
+    if args.distributed_backend != "gloo":
+        raise LaunchError(f"--cpu trains over gloo; drop --distributed-backend {args.distributed_backend}")
+    if args.transformer_impl != "local":
+        raise LaunchError(
+            f"--cpu needs Megatron's local layers (Transformer Engine runs on GPUs only); "
+            f"drop --transformer-impl {args.transformer_impl}"
+        )
+    if args.position_embedding_type in ("rope", "yarn", "mrope") and args.apply_rope_fusion:
+        raise LaunchError("--cpu cannot run the fused RoPE kernel; add --no-rope-fusion")
+    for flag, on in (("--bf16", args.bf16), ("--fp16", args.fp16)):
+        if on:
+            raise LaunchError(f"--cpu trains in float32 over gloo; drop {flag}")
+    if needs_cpu_attention(args):
+        if args.spec is None:
+            args.spec = list(CPU_ATTENTION_SPEC)
+            if args.rank == 0:
+                print(f"> --cpu: packed rows or context parallelism, using --spec {' '.join(CPU_ATTENTION_SPEC)}",
+                      flush=True)
+        elif tuple(args.spec) != CPU_ATTENTION_SPEC:
+            raise LaunchError(
+                "--cpu with packed rows (--sft) or --context-parallel-size > 1 needs the CPU attention: "
+                f"use --spec {' '.join(CPU_ATTENTION_SPEC)} (or drop --spec)"
+            )

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A tiny GPT trained through Megatron's pretrain() on a 3-channel blend (copy, count, noise),
-# one channel per --data-path component. Needs a GPU (Megatron's training loop is CUDA-only).
+# one channel per --data-path component. ./scripts/demo.sh runs it (with --cpu when there is no GPU).
 #
 #   python scripts/make_tiny_data.py --out runs/tiny_data      # once
 #   NPROC=2 configs/tiny_gpt_blend.sh [more Megatron flags]     # NPROC GPUs of this node
+#   NPROC=2 configs/tiny_gpt_blend.sh --cpu                     # 2 gloo ranks on the CPU
 #
 # Multi-node: the same flags; set LAUNCHER, e.g.
 #   LAUNCHER="torchrun --nnodes 2 --node-rank \$RANK --nproc-per-node 8 --rdzv-endpoint host:29500"

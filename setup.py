@@ -16,6 +16,8 @@ setup(
         "megatron-core>=0.19,<0.20",
         "numpy",
         "pyyaml",
+        # Megatron's torch_dist checkpoint writer (--save) imports it; the wheel does not require it.
+        "psutil",
     ],
     extras_require={
         # TensorBoard event reading and the PNG of scripts/plot_channels.py (and the demo).

@@ -156,7 +156,7 @@ def add_launch_args(parser):
     group.add_argument("--cpu", action="store_true",
                        help="Train on this machine's CPU over gloo through the same pretrain() (a dry run of "
                             "the same flags without a GPU); sets --distributed-backend gloo --transformer-impl "
-                            "local --no-persist-layer-norm --no-gradient-accumulation-fusion --num-workers 0.")
+                            "local --num-workers 0.")
     group.add_argument("--disable-channel-loss", action="store_true",
                        help="Train with Megatron's stock loss_func and logging, same data and batch path "
                             "(for A/B timing of the channel accounting).")

@@ -22,13 +22,12 @@ import torch
 
 CPU_FLAG = "--cpu"
 # Megatron flags a CPU run needs; given first, so the user's own later values win where
-# they may (the checks in check_cpu_args refuse the ones that cannot work on a CPU).
+# they may (check_cpu_args refuses the ones that cannot work on a CPU). The Apex-only
+# defaults are turned off by apply_defaults_without_apex, as on any machine without Apex.
 CPU_DEFAULT_FLAGS = (
     "--distributed-backend", "gloo",
     "--transformer-impl", "local",
-    "--no-persist-layer-norm",
-    "--no-gradient-accumulation-fusion",
-    "--num-workers", "0",
+    "--num-workers", "0",  # no loader processes to compete with the ranks for the cores
 )
 CPU_ATTENTION_SPEC = ("megatron_channel.cpu", "gpt_layer_spec")
 

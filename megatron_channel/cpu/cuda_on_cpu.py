@@ -9,8 +9,8 @@ below says which Megatron code needs it.
 
 Installed by ``scripts/pretrain_gpt_channel.py --cpu`` (and the tests that run it), never
 on a machine that trains on GPUs. Pair it with Megatron's own flags
-``--distributed-backend gloo --no-persist-layer-norm --no-gradient-accumulation-fusion``
-(``--cpu`` sets them) and the local layer spec or ``megatron_channel.cpu.attention``.
+``--distributed-backend gloo --transformer-impl local`` (``--cpu`` sets them, and the launch
+turns off the Apex-only defaults) and, for packed rows or CP, ``megatron_channel.cpu.attention``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ setup(
     extras_require={
         # TensorBoard event reading and the PNG of scripts/plot_channels.py (and the demo).
         "plot": ["tensorboard", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "tensorboard", "matplotlib"],
+        # transformers + tokenizers: Megatron's SFTTokenizer over the tiny tokenizer of
+        # scripts/make_sft_tokenizer.py, for the packed SFT runs.
+        "test": ["pytest", "pytest-timeout", "hypothesis", "tensorboard", "matplotlib", "transformers>=5", "tokenizers>=0.22"],
         # NVIDIA apex is optional and built from source with CUDA; megatron-core falls back
         # to torch without it. Never install the unrelated PyPI package named "apex".
         "gpu": ["transformer-engine[pytorch]"],

@@ -2,11 +2,14 @@
 # Packed SFT (--sft) where every jsonl line names its channel in a "channel" field, and lines
 # of a second, unlabeled file count as `other`. Channel settings from
 # configs/channels.yaml (math, code, chat; anything else counts as `other`).
-# Needs a GPU, Transformer Engine (packed rows attend through THD: pip install -e .[gpu]) and an
-# SFT chat tokenizer (Megatron's SFTTokenizer over a Hugging Face model):
+# On GPUs it needs Transformer Engine (packed rows attend through THD: pip install -e .[gpu]); with
+# --cpu it runs on the CPU. The chat tokenizer is Megatron's SFTTokenizer over a Hugging Face
+# tokenizer directory (scripts/make_sft_tokenizer.py writes a tiny byte-level one):
 #
 #   python scripts/make_tiny_data.py --out runs/tiny_data      # once
 #   TOKENIZER_MODEL=/path/to/hf/tokenizer NPROC=2 configs/sft_channels.sh
+#   python scripts/make_sft_tokenizer.py --out runs/sft_tokenizer
+#   TOKENIZER_MODEL=runs/sft_tokenizer NPROC=2 configs/sft_channels.sh --cpu
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${DATA_DIR:-$ROOT/runs/tiny_data}"
@@ -15,7 +18,7 @@ RUN_DIR="${RUN_DIR:-$ROOT/runs/sft_channels}"
 MODEL_ARGS=(
     --num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 256
     --max-position-embeddings 256 --position-embedding-type learned_absolute
-    --transformer-impl transformer_engine --attention-dropout 0 --hidden-dropout 0
+    --attention-dropout 0 --hidden-dropout 0
 )
 TRAIN_ARGS=(
     --micro-batch-size 1 --global-batch-size 8 --train-iters 200

@@ -1,15 +1,17 @@
-"""The runnable configs in configs/: their flags parse with the real launch code, their data
-builds with the real providers, and a batch goes through the channel loss (on the CPU, via
-tests/dry_run_launcher.py standing in for torchrun; pretrain() itself needs a GPU)."""
+"""The runnable configs in configs/ train for real: each one is launched as a user would,
+with ``--cpu`` on 2 gloo ranks through Megatron's ``pretrain()``, for a few iterations, and
+its channel keys and token counts are checked in the jsonl it writes."""
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from pretrain_runs import close
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--cpu", "--train-iters", "4", "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -17,42 +19,52 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tiny_data.py"), "--out", str(out),
                     "--documents", "60", "--sft-lines", "30"], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_sft_tokenizer.py"), "--out",
+                    str(out / "sft_tokenizer")], check=True, capture_output=True)
     return out
 
 
-def dry_run(config: str, tiny_data, tmp_path, *extra_flags) -> dict:
-    env = {**os.environ, "DATA_DIR": str(tiny_data), "RUN_DIR": str(tmp_path), "TOKENIZER_MODEL": "unused",
-           "LAUNCHER": f"{sys.executable} {os.path.join(ROOT, 'tests', 'dry_run_launcher.py')}",
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([os.path.join(ROOT, "configs", config), *extra_flags], env=env, capture_output=True, text=True, timeout=200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def launch(config: str, tiny_data, tmp_path, *extra_flags) -> list[dict]:
+    import json
+
+    env = {**os.environ, "DATA_DIR": str(tiny_data), "RUN_DIR": str(tmp_path), "NPROC": "2",
+           "TOKENIZER_MODEL": str(tiny_data / "sft_tokenizer"), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
+           "LAUNCHER": f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"}
+    proc = subprocess.run([os.path.join(ROOT, "configs", config), *SHORT, *extra_flags], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with open(tmp_path / "tensorboard" / "channels.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
-@pytest.mark.timeout(240)
+def check_records(records, channels):
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [1, 2, 4]
+    assert any(r["kind"] == "validation" for r in records)
+    for record in records:
+        assert list(record["channels"]) == channels
+        tokens = sum(c["tokens"] for c in record["channels"].values())
+        assert tokens == record["loss_tokens"] > 0  # every loss token is in a channel
+        mix = sum(c["tokens"] * c["loss"] for c in record["channels"].values() if c["tokens"]) / tokens
+        assert close(mix, record["lm_loss_token_weighted"])
+
+
+@pytest.mark.timeout(450)
 def test_tiny_gpt_blend_config(tiny_data, tmp_path):
-    seen = dry_run("tiny_gpt_blend.sh", tiny_data, tmp_path)
-    assert seen["metric_keys"] == ["lm loss", "loss_copy", "loss_count", "loss_noise"]
-    assert not seen["packed"] and seen["channels_field_shape"] == [4]
-    assert seen["valid_samples"] > 0
-    assert sum(seen["counts"][k] for k in ("loss_copy", "loss_count", "loss_noise")) == seen["counts"]["lm loss"]
-    assert seen["tensorboard_dir"] == str(tmp_path / "tensorboard")
+    check_records(launch("tiny_gpt_blend.sh", tiny_data, tmp_path), ["copy", "count", "noise"])
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(450)
 def test_sft_channels_config(tiny_data, tmp_path):
-    seen = dry_run("sft_channels.sh", tiny_data, tmp_path)
-    assert seen["metric_keys"] == ["lm loss", "loss_math", "loss_code", "loss_chat", "loss_other"]
-    assert seen["packed"] and seen["channels_field_shape"][0] == 1
-    channel_tokens = sum(seen["counts"][k] for k in ("loss_math", "loss_code", "loss_chat", "loss_other"))
-    assert channel_tokens == seen["counts"]["lm loss"] > 0
+    """Packed SFT rows from jsonl, tokenized by Megatron's SFTTokenizer, channels from configs/channels.yaml."""
+    records = launch("sft_channels.sh", tiny_data, tmp_path)
+    check_records(records, ["math", "code", "chat", "other"])
+    # unlabeled.jsonl lines name no channel: they count as `other`.
+    assert sum(r["channels"]["other"]["tokens"] for r in records if r["kind"] == "train") > 0
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(450)
 def test_blend_config_with_inter_document_masking(tiny_data, tmp_path):
     """GPT rows with --dataloader-inter-document-masking are packed: one channel per document."""
-    seen = dry_run("tiny_gpt_blend.sh", tiny_data, tmp_path, "--dataloader-inter-document-masking",
-                   "--micro-batch-size", "1")  # the CPU stand-in for THD attention takes one row
-    assert seen["packed"] and seen["channels_field_shape"] == [1, 128]
-    channel_tokens = sum(seen["counts"][k] for k in ("loss_copy", "loss_count", "loss_noise"))
-    assert channel_tokens == seen["counts"]["lm loss"] > 0
+    records = launch("tiny_gpt_blend.sh", tiny_data, tmp_path, "--dataloader-inter-document-masking")
+    check_records(records, ["copy", "count", "noise"])

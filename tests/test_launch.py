@@ -1,12 +1,13 @@
-"""The launch script's wiring, as far as it runs without CUDA.
+"""The launch script's wiring: what ``pretrain()`` is handed.
 
 ``megatron_channel.launch.main`` parses real Megatron + channel arguments (Megatron's
-``parse_and_validate_args``), installs the channel logging and hands ``pretrain`` the config
-container, our datasets provider and our forward_step. ``pretrain`` itself needs CUDA, so it
-is replaced by a recorder; what it receives is then used for real: the provider builds the
-blend from real ``.bin/.idx`` files, and one of its batches goes through the forward_step
-and a real GPTModel. Each case runs in a fresh process (Megatron's global args are process
-state).
+``parse_and_validate_args``, with ``--cpu``), installs the channel logging and hands
+``pretrain`` the config container, our datasets provider and our forward_step. Here
+``pretrain`` is replaced by a recorder so that what it receives can be inspected and used
+piece by piece: the provider builds the blend from real ``.bin/.idx`` files, and one of its
+batches goes through the forward_step and a real GPTModel. The real ``pretrain()`` runs in
+test_pretrain_e2e.py. Each case runs in a fresh process (Megatron's global args and the
+``--cpu`` layer are process state).
 """
 
 import os
@@ -31,7 +32,7 @@ def write_blend(data_dir):
 
 def megatron_argv(data_dir, *channel_flags):
     return [
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--cpu", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "32", "--max-position-embeddings", "32",
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--lr", "1e-3",
         "--tokenizer-type", "NullTokenizer", "--vocab-size", "64",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -36,9 +37,10 @@ def runs(tmp_path_factory, data_dir):
     cache = {}
     root = tmp_path_factory.mktemp("runs")
 
-    def get(name: str, *flags: str, data: list[str] | None = None, nproc: int = 2):
+    def get(name: str, *flags: str, data: list[str] | None = None, channels: list[str] | None = None,
+            nproc: int = 2):
         if name not in cache:
-            all_flags = [*model_flags(), *blend_flags(data_dir, data), *flags]
+            all_flags = [*model_flags(), *blend_flags(data_dir, data, channels), *flags]
             cache[name] = run_pretrain(str(root / name), all_flags, nproc)
         return cache[name]
 
@@ -124,10 +126,17 @@ def test_data_parallel(runs):
     assert [r["iteration"] for r in run.train_records()] == [1, 5, 10, 15, 20]
 
 
-def test_tensor_parallel(runs):
-    run = runs("tp2", "--train-iters", "20", "--tensor-model-parallel-size", "2")
+def test_tensor_parallel_with_a_channel_that_never_has_tokens(runs):
+    run = runs("tp2", "--train-iters", "20", "--tensor-model-parallel-size", "2",
+               channels=["--channels", *CHANNELS, "math", "--channels-from-blend", *CHANNELS])
     check_train_logs(run)
     check_validation(run)
+    # `math` is listed but no sample is math: 0 tokens everywhere, no loss value, no NaN.
+    assert all(r["channels"]["math"] == {**r["channels"]["math"], "loss": None, "tokens": 0.0}
+               for r in run.records)
+    assert "loss_math" not in run.events and "loss_math validation" not in run.events
+    assert all(value == 0.0 for _, value in run.events["tokens_math"])
+    assert not re.search(r"[:=]\s*-?nan\b", run.stdout, re.IGNORECASE)
 
 
 def test_pipeline_parallel_logs_the_last_stage(runs):

@@ -22,12 +22,14 @@
   which Megatron logs without resetting.
 * The train_step wrapper over two real gloo ranks (DP=2): the real ``channel_loss_func`` on
   synthetic per-token losses, a real tiny GPTModel as ``model`` (its pg_collection gives the
-  group), and, standing in for train_step's CUDA-only internals, a function with the real
-  signature that runs forward_backward twice (a rerun) and reduces ``lm loss`` as stock does.
+  group), and, standing in for train_step so that a rerun of the iteration can be forced, a
+  function with the real signature that runs forward_backward twice and reduces ``lm loss``
+  as stock does (the real train_step runs in test_pretrain_e2e.py).
   Checked: stock code sees no channel key; the handed totals equal a float64 reference over
   both ranks' data; one all-reduce for all channels; the rerun is not double counted.
-* The real ``evaluate_and_print_results`` over the evaluate wrapper (Megatron's ``evaluate``
-  needs CUDA; a stand-in with its signature runs the microbatches and sums ``lm loss``):
+* The real ``evaluate_and_print_results`` over the evaluate wrapper (a stand-in for
+  ``evaluate`` with its signature feeds hand-made microbatches with an empty channel; the
+  real ``evaluate`` runs in test_pretrain_e2e.py):
   ``loss_math validation`` written by Megatron's own code, exact; an empty channel absent
   from TensorBoard, shown with 0 tokens on the console, null in the jsonl.
 """
@@ -590,7 +592,7 @@ def test_train_step_wrapper_refuses_full_iteration_cuda_graphs(megatron_globals)
 
 def evaluate_stand_in(forward_step_func, data_iterator, model, process_non_loss_data_func, config, verbose=False,
                       non_loss_data_func=None, eval_iters=None, pg_collection=None, p2p_communicator=None):
-    """Megatron evaluate's signature and loss accumulation, on the CPU (the real one needs CUDA)."""
+    """Megatron evaluate's signature and loss accumulation over hand-made microbatches."""
     total = {}
     for _ in range(eval_iters or 2):
         for metrics in sequential_forward_backward(forward_step_func=forward_step_func, data_iterator=data_iterator,

@@ -1,9 +1,9 @@
 """Pipeline parallelism: each stage gets what it needs from the batch, over real PP=2 gloo ranks.
 
 The first stage needs the model inputs, the last stage the loss inputs (labels, loss_mask,
-channels); a packed batch gives every stage the THD metadata. Megatron's schedules are
-CUDA-only, so this checks ``forward_step``'s batch path per stage with the real
-``parallel_state``, not a whole pipelined step.
+channels); a packed batch gives every stage the THD metadata. This checks ``forward_step``'s
+batch path per stage with the real ``parallel_state``; whole pipelined training steps run in
+test_pretrain_e2e.py (PP=2 through ``pretrain()``).
 """
 
 import pytest

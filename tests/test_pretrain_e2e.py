@@ -107,7 +107,7 @@ def check_validation(run, sets=("",)):
             assert close(float(line[f"loss_{name} value"]), channel["loss"], 1e-6)
             assert float(line[f"tokens_{name}"]) == channel["tokens"]
     for suffix in sets:
-        for name in CHANNELS:
+        for name in records[0]["channels"]:
             logged = [(r["iteration"], r["channels"][name]["loss"]) for r in records
                       if r["set"] == suffix and r["channels"][name]["tokens"]]
             points = run.events.get(f"loss_{name} validation{suffix}", [])
@@ -198,3 +198,41 @@ def test_resume_continues_the_curves(runs, tmp_path):
         for name, channel in record["channels"].items():
             assert channel["tokens"] == reference["channels"][name]["tokens"]
             assert close(channel["loss"], reference["channels"][name]["loss"], 1e-4), (record["iteration"], name)
+
+
+def test_context_parallel(runs):
+    # Without Transformer Engine, --cpu picks the package's CPU attention (--spec) for CP.
+    run = runs("cp2", "--train-iters", "20", "--context-parallel-size", "2")
+    assert "using --spec megatron_channel.cpu gpt_layer_spec" in run.stdout
+    check_train_logs(run)
+    check_validation(run)
+
+
+@pytest.fixture(scope="module")
+def sft_flags(data_dir):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_sft_tokenizer
+
+    tokenizer = make_sft_tokenizer.write_sft_tokenizer(os.path.join(data_dir, "sft_tokenizer"))
+    return [
+        "--sft", "--data-path", "0.8", f"{data_dir}/sft/mixed.jsonl", "0.2", f"{data_dir}/sft/unlabeled.jsonl",
+        "--split", "90,10,0", "--data-cache-path", f"{data_dir}/cache",
+        "--tokenizer-type", "SFTTokenizer", "--tokenizer-model", tokenizer,
+        "--seq-length", "128", "--max-position-embeddings", "128",
+    ]
+
+
+@pytest.mark.parametrize("parallel", [[], ["--context-parallel-size", "2"]], ids=["dp2", "cp2"])
+def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "sft_" + ("cp2" if parallel else "dp2")
+    run = runs(name, "--train-iters", "20", *parallel, data=sft_flags,
+               channels=["--channel-config", os.path.join(ROOT, "configs", "channels.yaml")])
+    # Packed rows carry a varying number of loss tokens (answers only); every one is in a
+    # channel, and unlabeled.jsonl's lines count as `other`.
+    check_train_logs(run, iteration_tokens=None, megatron_lm_loss=False)
+    check_validation(run)
+    assert all(r["loss_tokens"] > 0 for r in run.train_records())
+    assert sum(r["channels"]["other"]["tokens"] for r in run.train_records()) > 0
+    assert {name for r in run.train_records() for name, c in r["channels"].items() if c["tokens"]} == {
+        "math", "code", "chat", "other"}

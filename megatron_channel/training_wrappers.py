@@ -267,6 +267,11 @@ def wrap_evaluate_and_print_results(original: Callable, logger: ChannelLogger, m
                 stats, iteration, split=split, set_suffix=suffix,
                 consumed_samples=getattr(margs, "consumed_train_samples", None),
             ))
+        writer = module.get_tensorboard_writer()
+        if writer and bound.arguments["write_to_tensorboard"]:
+            # pretrain() flushes only when train() ends; the final evaluation comes after that,
+            # and its points (Megatron's and ours) would be lost when the process exits.
+            writer.flush()
         return result
 
     return mark_wrapper(evaluate_and_print_results, original)

@@ -35,14 +35,13 @@ def blend(data_dir: str) -> list[str]:
     return ["0.25", f"{data_dir}/copy", "0.35", f"{data_dir}/count", "0.4", f"{data_dir}/noise"]
 
 
-def blend_flags(data_dir: str, data: list[str] | None = None, channels: list[str] | None = None) -> list[str]:
-    """The 3-channel blend, one channel per component; ``data`` replaces the data-path flags,
-    ``channels`` the channel flags."""
+def blend_flags(data_dir: str, data: list[str] | None = None, channels: list[str] | None = None,
+                tokenizer: list[str] | None = None) -> list[str]:
+    """The 3-channel blend, one channel per component; ``data``, ``channels`` and
+    ``tokenizer`` replace the data-path, channel and tokenizer flags."""
     data = data or ["--data-path", *blend(data_dir), "--split", "90,10,0"]
-    return [
-        *data, "--data-cache-path", f"{data_dir}/cache",
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", *(channels or ["--channels-from-blend"]),
-    ]
+    tokenizer = tokenizer or ["--tokenizer-type", "NullTokenizer", "--vocab-size", "64"]
+    return [*data, "--data-cache-path", f"{data_dir}/cache", *tokenizer, *(channels or ["--channels-from-blend"])]
 
 
 @dataclass

@@ -38,9 +38,9 @@ def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("runs")
 
     def get(name: str, *flags: str, data: list[str] | None = None, channels: list[str] | None = None,
-            nproc: int = 2):
+            tokenizer: list[str] | None = None, nproc: int = 2):
         if name not in cache:
-            all_flags = [*model_flags(), *blend_flags(data_dir, data, channels), *flags]
+            all_flags = [*model_flags(), *blend_flags(data_dir, data, channels, tokenizer), *flags]
             cache[name] = run_pretrain(str(root / name), all_flags, nproc)
         return cache[name]
 
@@ -214,19 +214,18 @@ def sft_flags(data_dir):
     import make_sft_tokenizer
 
     tokenizer = make_sft_tokenizer.write_sft_tokenizer(os.path.join(data_dir, "sft_tokenizer"))
-    return [
-        "--sft", "--data-path", "0.8", f"{data_dir}/sft/mixed.jsonl", "0.2", f"{data_dir}/sft/unlabeled.jsonl",
-        "--split", "90,10,0", "--data-cache-path", f"{data_dir}/cache",
-        "--tokenizer-type", "SFTTokenizer", "--tokenizer-model", tokenizer,
-        "--seq-length", "128", "--max-position-embeddings", "128",
-    ]
+    return dict(
+        data=["--sft", "--data-path", "0.8", f"{data_dir}/sft/mixed.jsonl", "0.2", f"{data_dir}/sft/unlabeled.jsonl",
+              "--split", "90,10,0", "--seq-length", "128", "--max-position-embeddings", "128"],
+        tokenizer=["--tokenizer-type", "SFTTokenizer", "--tokenizer-model", tokenizer],
+    )
 
 
 @pytest.mark.parametrize("parallel", [[], ["--context-parallel-size", "2"]], ids=["dp2", "cp2"])
 def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "sft_" + ("cp2" if parallel else "dp2")
-    run = runs(name, "--train-iters", "20", *parallel, data=sft_flags,
+    run = runs(name, "--train-iters", "20", *parallel, **sft_flags,
                channels=["--channel-config", os.path.join(ROOT, "configs", "channels.yaml")])
     # Packed rows carry a varying number of loss tokens (answers only); every one is in a
     # channel, and unlabeled.jsonl's lines count as `other`.

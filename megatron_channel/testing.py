@@ -1,11 +1,12 @@
-"""Running real Megatron-Core on a CPU over gloo: the shims, for tests and the CPU demo.
+"""Test support: real Megatron-Core models on a CPU over gloo, in the test's own processes.
 
-Megatron-Core's model code runs on a CPU except for three CUDA assumptions, patched here
-and nowhere else:
+Unit tests build ``GPTModel`` and ``parallel_state`` directly (the end-to-end tests run the
+launch script with ``--cpu`` instead). Megatron's model code runs on a CPU except for three
+CUDA assumptions, handled as follows:
 
-1. ``GlobalMemoryBuffer.get_tensor`` allocates its scratch buffer (used by sequence/tensor
-   parallel all-gathers) on ``torch.cuda.current_device()``: ``install_cpu_shims`` makes it
-   allocate on the CPU.
+1. ``GlobalMemoryBuffer.get_tensor`` allocates on the GPU: ``init_parallel`` calls
+   ``megatron_channel.cpu.cuda_on_cpu.allocate_global_buffers_on_cpu`` (the one module of
+   CUDA stand-ins).
 2. The CUDA RNG tracker forks CUDA generator state: ``init_parallel`` installs Megatron's
    own CPU-capable inference tracker instead.
 3. RoPE and the fused kernels call CUDA: ``tiny_gpt`` uses learned absolute positions and
@@ -31,35 +32,14 @@ import traceback
 import torch
 import torch.distributed as dist
 
-_SHIMS_INSTALLED = False
-
-
-def install_cpu_shims() -> None:
-    """Make ``GlobalMemoryBuffer.get_tensor`` allocate on the CPU (idempotent)."""
-    global _SHIMS_INSTALLED
-    if _SHIMS_INSTALLED:
-        return
-    import operator
-    from functools import reduce
-
-    from megatron.core import utils as core_utils
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        required = reduce(operator.mul, tensor_shape, 1)
-        buf = self.buffer.get((name, dtype))
-        if buf is None or buf.numel() < required:
-            buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
-        return buf[:required].view(*tensor_shape)
-
-    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
-    _SHIMS_INSTALLED = True
+from .cpu.cuda_on_cpu import allocate_global_buffers_on_cpu
 
 
 def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
     """Megatron's ``parallel_state`` over the already-initialized gloo default group."""
     from megatron.core import parallel_state, tensor_parallel
 
-    install_cpu_shims()
+    allocate_global_buffers_on_cpu()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp

@@ -408,6 +408,10 @@ def main(argv=None) -> int:
 
     if not opts.quick:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        # scripts/bench_pretrain.py owns the "## End to end" sections of the same file: keep them.
+        previous = open(opts.out).read() if os.path.exists(opts.out) else ""
+        start = previous.find("\n## End to end")
+        end_to_end = previous[start:] if start >= 0 else ""
         with open(opts.out, "w") as f:
             f.write(
                 "# Per-channel accounting: what it costs\n\n"
@@ -418,7 +422,7 @@ def main(argv=None) -> int:
                 "microbatch per call; `ours+key-sync` adds a peer's per-microbatch all_gather_object + all_reduce "
                 "over a 1-rank gloo group\n\n"
                 "## Targets\n\n" + "\n".join(verdict) + "\n\n## Per microbatch\n\n" + HEADER + "\n"
-                + "\n".join(format_row(r) for r in rows) + "\n\n" + NOTES
+                + "\n".join(format_row(r) for r in rows) + "\n\n" + NOTES + end_to_end
             )
         print(f"wrote {opts.out}")
     dist.destroy_process_group()

@@ -225,6 +225,32 @@ def _push_mode_in_new_threads() -> None:
     threading.Thread.run = run
 
 
+def allocate_global_buffers_on_cpu() -> None:
+    """Make ``GlobalMemoryBuffer.get_tensor`` allocate on the CPU (idempotent).
+
+    For tests that build Megatron models in their own process without ``install_cuda_on_cpu``:
+    the buffer (sequence/tensor-parallel all-gathers) allocates on ``torch.cuda.current_device()``.
+    ``install_cuda_on_cpu`` needs no such patch (its device rewriting covers the allocation).
+    """
+    import operator
+    from functools import reduce
+
+    from megatron.core import utils as core_utils
+
+    if getattr(core_utils.GlobalMemoryBuffer.get_tensor, "_on_cpu", False):
+        return
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        required = reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < required:
+            buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
+        return buf[:required].view(*tensor_shape)
+
+    get_tensor._on_cpu = True
+    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+
 _MODE: CudaDevicesOnCpu | None = None
 
 

@@ -244,3 +244,21 @@ def main(argv: list[str] | None = None) -> None:
         ModelType.encoder_or_decoder,
         forward_step,
     )
+    finish_run()
+
+
+def finish_run() -> None:
+    """Close Megatron's TensorBoard writer and the process group once pretrain() returns.
+
+    pretrain() flushes the writer before its final evaluation and closes nothing: the final
+    points could be lost, and a writer thread still running while the interpreter exits
+    (seen with gloo) can abort the process after a run that succeeded.
+    """
+    from megatron.training.global_vars import get_tensorboard_writer
+
+    writer = get_tensorboard_writer()
+    if writer:
+        writer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -52,6 +52,7 @@ def _launch_worker(rank, world_size, data_dir):
     demo = write_blend(data_dir)
     recorded = []
     megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
+    launch.finish_run = lambda: None  # the group is used after main() returns
     launch.main(megatron_argv(data_dir, "--channels-from-blend", "easy", "easy", "hard",
                               "--tensorboard-dir", f"{data_dir}/tb"))
     container, provider, model_type, forward_step = recorded[0]
@@ -109,6 +110,7 @@ def _bad_flags_worker(rank, world_size, data_dir, flags):
 
     write_blend(data_dir)
     megatron.training.pretrain = lambda *args, **kwargs: pytest.fail("pretrain must not start")
+    launch.finish_run = lambda: None  # the group is used after main() returns
     try:
         launch.main(megatron_argv(data_dir, *flags))
     except ValueError as error:
@@ -141,6 +143,7 @@ def _stock_worker(rank, world_size, data_dir):
     write_blend(data_dir)
     recorded = []
     megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
+    launch.finish_run = lambda: None  # the group is used after main() returns
     launch.main(megatron_argv(data_dir, "--channels-from-blend", "--disable-channel-loss"))
     _, provider, _, forward_step = recorded[0]
     init_parallel(tp=1)

@@ -1,22 +1,44 @@
-"""Per-channel (per data source) loss curves for Megatron-Core training."""
+"""Per-channel (per data source) loss curves for Megatron-Core training.
 
-from .arguments import ChannelSettings, UntrackedChannelError, add_channel_args, channel_settings_from_args
-from .batch import BatchLayout
-from .channel_logging import install_channel_logging, uninstall_channel_logging
+The public API is what this module exports; the subpackages are where it lives:
+
+* ``config`` / ``settings``: the channels (``ChannelConfig``) and how flags and YAML give them.
+* ``segment_math``: pure tensor math (packed-sequence sums, context-parallel cuts).
+* ``step``: the forward step: batch contract, checks, model inputs, ``loss_func``.
+* ``data``: datasets whose samples carry ``channels`` (blends, packed SFT jsonl).
+* ``channel_logging``: the wrappers around Megatron's training loop that log the channels.
+* ``launch``: ``scripts/pretrain_gpt_channel.py``, Megatron's pretrain_gpt with channels.
+* ``cpu``: what ``--cpu`` installs to run the same ``pretrain()`` on a CPU over gloo.
+* ``testing``: test support (not API).
+
+``docs/architecture.md`` follows one batch through them.
+"""
+
+from . import _moved_modules
+from .channel_logging.install import install_channel_logging, uninstall_channel_logging
+from .channel_logging.megatron_check import MegatronInternalsError
+from .channel_logging.metric_capture import ChannelMetricsError, reduce_channel_metrics
+from .channel_logging.wrappers import ChannelLoggingWarning
 from .config import ChannelConfig
-from .datasets import ChannelTaggedDataset, tag_datasets
-from .forward_step import make_forward_step
-from .loss import channel_loss_func
-from .reduce import reduce_channel_metrics
-from .sft import sft_dataset_class
-from .validate import ChannelBatchError
+from .data.sft import sft_dataset_class
+from .data.tagged import ChannelTaggedDataset, tag_datasets
+from .settings import ChannelSettings, UntrackedChannelError, add_channel_args, channel_settings_from_args
+from .step.checks import ChannelBatchError
+from .step.forward_step import make_forward_step
+from .step.layout import BatchLayout
+from .step.loss import channel_loss_func
+
+_moved_modules.install()
 
 __all__ = [
     "BatchLayout",
     "ChannelBatchError",
     "ChannelConfig",
+    "ChannelLoggingWarning",
+    "ChannelMetricsError",
     "ChannelSettings",
     "ChannelTaggedDataset",
+    "MegatronInternalsError",
     "UntrackedChannelError",
     "add_channel_args",
     "channel_loss_func",

@@ -5,22 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .channel_logging.names import TOKENS_PREFIX
+
 # Metric keys travel through TensorBoard and W&B tag paths, so whitespace and
 # "/" (a tag separator) would split one curve into several.
 _BAD_KEY_CHARS = re.compile(r"[\s/]")
-# The channel logging writes `tokens_<name>`; Megatron's own keys ("lm loss") hold a space,
-# which a channel key cannot.
-_TOKEN_LOG_PREFIX = "tokens_"
 
 
 def check_prefix(prefix, what: str = "prefix") -> None:
     """``ValueError`` naming ``what`` (e.g. the flag it came from) unless ``prefix`` can start keys."""
     if not isinstance(prefix, str):
         raise ValueError(f"{what} = {prefix!r}; give a string such as 'loss_'")
-    if not prefix or prefix.startswith(_TOKEN_LOG_PREFIX):
+    if not prefix or prefix.startswith(TOKENS_PREFIX):
         raise ValueError(
             f"{what} = {prefix!r} would make channel keys that are bare names or clash with the token "
-            f"logs ({_TOKEN_LOG_PREFIX}<name>); use a non-empty prefix such as 'loss_'"
+            f"logs ({TOKENS_PREFIX}<name>); use a non-empty prefix such as 'loss_'"
         )
     if _BAD_KEY_CHARS.search(prefix):
         raise ValueError(f"{what} = {prefix!r} contains whitespace or '/'; use letters, digits, '_', '-' or '.'")

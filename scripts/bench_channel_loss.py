@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def loop_loss_func(loss_mask, output_tensor, cu_seqlens, channels, config):
     """The per-sequence loop: host-side boundaries, one slice and sum per sequence."""
-    from megatron_channel.loss import stock_loss_func
+    from megatron_channel.step.loss import stock_loss_func
 
     loss, num_tokens, metrics = stock_loss_func(loss_mask, output_tensor)
     losses, mask = output_tensor.view(-1).float(), loss_mask.view(-1).float()
@@ -132,7 +132,7 @@ def extra_peak_bytes_per_token(ours, stock, tokens: int) -> float | None:
 
 def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
     from megatron_channel import channel_loss_func
-    from megatron_channel.loss import stock_loss_func
+    from megatron_channel.step.loss import stock_loss_func
 
     median_us = timer(device)
     rows = []
@@ -153,7 +153,7 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
             return key_sync(ours()[2])
 
         def prefix_path():
-            from megatron_channel.testing import summing_like_a_gpu
+            from megatron_channel.segment_math import summing_like_a_gpu
 
             with summing_like_a_gpu():
                 return ours()
@@ -182,7 +182,7 @@ def demo_step_times(rounds: int) -> dict:
     from make_tiny_data import VOCAB
 
     from megatron_channel import ChannelConfig, channel_loss_func
-    from megatron_channel.loss import stock_loss_func
+    from megatron_channel.step.loss import stock_loss_func
     from megatron_channel.testing import init_parallel, tiny_gpt
 
     init_parallel(tp=1)
@@ -340,7 +340,7 @@ NOTES = """## Notes
   (the tiny blend config through Megatron's `pretrain()` with and without channel tracking,
   `--disable-channel-loss`, alternating, median iteration time after warm-up, target ratio
   <= 1.005).
-- Packed rows (`megatron_channel/segments.py`). CUDA tensors: two prefix scans over the
+- Packed rows (`megatron_channel/segment_math.py`). CUDA tensors: two prefix scans over the
   tokens (float64 losses, float32 mask), a gather at the `N + 1` sequence boundaries and one
   `index_add_` of `N` pairs into `K + 1` bins; no value read on the host, no collective.
   Extra memory by construction: the two `[T + 1]` prefixes, 12 bytes per token (the CUDA

@@ -3,7 +3,8 @@
 
     python scripts/plot_channels.py RUN_DIR_OR_JSONL -o out.png [--prefix loss_]
 
-Input: the ``jsonl_path`` written by ``install_channel_logging`` (``kind`` ``"train"`` and
+Input: the ``jsonl_path`` written by ``install_channel_logging`` (its records are defined in
+``megatron_channel/channel_logging/jsonl_schema.py``: ``kind`` ``"train"`` and
 ``"validation"`` records), or a TensorBoard directory (the run's ``--tensorboard-dir``, or a
 directory above it) holding the scalars that logging writes: ``<prefix><name>``,
 ``<prefix><name> validation<suffix>`` and ``token share <name>``.
@@ -17,11 +18,13 @@ checkpoint) keep the later value.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field
+
+from megatron_channel.channel_logging.jsonl_schema import TrainRecord, read_jsonl
+from megatron_channel.channel_logging.names import LM_LOSS_KEY, share_name, validation_name
 
 Series = list[tuple[int, float]]
 
@@ -57,30 +60,22 @@ def parse_jsonl(path: str) -> ChannelSeries:
     validation: dict[tuple[str, str], dict[int, float]] = {}
     share: dict[str, dict[int, float]] = {}
     reference: dict[int, float] = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                kind, iteration, per_channel = record["kind"], int(record["iteration"]), record["channels"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: not a channel logging record ({e})") from None
-            for name in per_channel:
-                if name not in channels:
-                    channels.append(name)
-            if kind == "train":
-                for name, values in per_channel.items():
-                    if values.get("loss") is not None:
-                        train.setdefault(name, {})[iteration] = float(values["loss"])
-                    if values.get("share") is not None:
-                        share.setdefault(name, {})[iteration] = float(values["share"])
-                if record.get("lm_loss_token_weighted") is not None:
-                    reference[iteration] = float(record["lm_loss_token_weighted"])
-            elif kind == "validation" and record.get("split", "validation") == "validation":
-                for name, values in per_channel.items():
-                    if values.get("loss") is not None:
-                        validation.setdefault((name, record.get("set", "")), {})[iteration] = float(values["loss"])
+    for record in read_jsonl(path):
+        for name in record.channels:
+            if name not in channels:
+                channels.append(name)
+        if isinstance(record, TrainRecord):
+            for name, values in record.channels.items():
+                if values.loss is not None:
+                    train.setdefault(name, {})[record.iteration] = values.loss
+                if values.share is not None:
+                    share.setdefault(name, {})[record.iteration] = values.share
+            if record.lm_loss_token_weighted is not None:
+                reference[record.iteration] = record.lm_loss_token_weighted
+        elif record.split == "validation":
+            for name, values in record.channels.items():
+                if values.loss is not None:
+                    validation.setdefault((name, record.set), {})[record.iteration] = values.loss
     return ChannelSeries(
         channels=channels,
         train_loss={k: _sorted(v) for k, v in train.items()},
@@ -110,23 +105,23 @@ def parse_tensorboard(path: str, prefix: str = "loss_") -> ChannelSeries:
     def points(tag: str) -> Series:
         return _sorted({int(e.step): float(e.value) for e in accumulator.Scalars(tag)})
 
-    share_tag = re.compile(r"token share (\S+)")
+    share_tag = re.compile(re.escape(share_name("")) + r"(\S+)")
     channels = sorted({m.group(1) for t in tags if (m := share_tag.fullmatch(t))})
     if not channels:
         raise ValueError(
-            f"no 'token share <channel>' scalars in {path}: was install_channel_logging active in this run?"
+            f"no '{share_name('<channel>')}' scalars in {path}: was install_channel_logging active in this run?"
         )
     series = ChannelSeries(channels=channels)
     for name in channels:
-        series.share[name] = points(f"token share {name}")
+        series.share[name] = points(share_name(name))
         if prefix + name in tags:
             series.train_loss[name] = points(prefix + name)
-        validation_tag = re.compile(re.escape(f"{prefix}{name} validation") + r"(-\S+)?")
+        validation_tag = re.compile(re.escape(validation_name(prefix + name)) + r"(-\S+)?")
         for tag in sorted(tags):
             if m := validation_tag.fullmatch(tag):
                 series.validation_loss[(name, m.group(1) or "")] = points(tag)
-    if "lm loss" in tags:
-        series.reference_loss = points("lm loss")
+    if LM_LOSS_KEY in tags:
+        series.reference_loss = points(LM_LOSS_KEY)
     return series
 
 

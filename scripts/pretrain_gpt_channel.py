@@ -6,7 +6,7 @@
         --channels-from-blend math code
 """
 
-from megatron_channel.launch import main
+from megatron_channel.launch.pretrain_gpt import main
 
 if __name__ == "__main__":
     main()

@@ -6,12 +6,13 @@ validation lines with the channel fields), the jsonl records, and the TensorBoar
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+
+from megatron_channel.channel_logging.jsonl_schema import Record, TrainRecord, ValidationRecord, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "pretrain_gpt_channel.py")
@@ -47,7 +48,7 @@ def blend_flags(data_dir: str, data: list[str] | None = None, channels: list[str
 @dataclass
 class Run:
     stdout: str
-    records: list[dict]
+    records: list[Record]
     events: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     @property
@@ -55,11 +56,11 @@ class Run:
         """TensorBoard value by step (the last one where a step was written twice)."""
         return {tag: dict(points) for tag, points in self.events.items()}
 
-    def train_records(self) -> list[dict]:
-        return [r for r in self.records if r["kind"] == "train"]
+    def train_records(self) -> list[TrainRecord]:
+        return [r for r in self.records if isinstance(r, TrainRecord)]
 
-    def validation_records(self) -> list[dict]:
-        return [r for r in self.records if r["kind"] == "validation"]
+    def validation_records(self) -> list[ValidationRecord]:
+        return [r for r in self.records if isinstance(r, ValidationRecord)]
 
     def iteration_lines(self) -> dict[int, dict[str, str]]:
         """Megatron's iteration lines by iteration: field name -> value text."""
@@ -119,7 +120,7 @@ def run_pretrain(run_dir: str, flags: list[str], nproc: int = 2, timeout: float 
     if proc.returncode != 0:
         raise AssertionError(f"pretrain run failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     jsonl = os.path.join(tensorboard_dir, "channels.jsonl")
-    records = [json.loads(line) for line in open(jsonl)] if os.path.exists(jsonl) else []
+    records = read_jsonl(jsonl) if os.path.exists(jsonl) else []
     events = read_events(tensorboard_dir) if os.path.isdir(tensorboard_dir) else {}
     return Run(proc.stdout, records, events)
 

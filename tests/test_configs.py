@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from megatron_channel.channel_logging.jsonl_schema import Record, read_jsonl
 from pretrain_runs import close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,29 +25,26 @@ def tiny_data(tmp_path_factory):
     return out
 
 
-def launch(config: str, tiny_data, tmp_path, *extra_flags) -> list[dict]:
-    import json
-
+def launch(config: str, tiny_data, tmp_path, *extra_flags) -> list[Record]:
     env = {**os.environ, "DATA_DIR": str(tiny_data), "RUN_DIR": str(tmp_path), "NPROC": "2",
            "TOKENIZER_MODEL": str(tiny_data / "sft_tokenizer"), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
            "LAUNCHER": f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2"}
     proc = subprocess.run([os.path.join(ROOT, "configs", config), *SHORT, *extra_flags], env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    with open(tmp_path / "tensorboard" / "channels.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(str(tmp_path / "tensorboard" / "channels.jsonl"))
 
 
 def check_records(records, channels):
-    train = [r for r in records if r["kind"] == "train"]
-    assert [r["iteration"] for r in train] == [1, 2, 4]
-    assert any(r["kind"] == "validation" for r in records)
+    train = [r for r in records if r.kind == "train"]
+    assert [r.iteration for r in train] == [1, 2, 4]
+    assert any(r.kind == "validation" for r in records)
     for record in records:
-        assert list(record["channels"]) == channels
-        tokens = sum(c["tokens"] for c in record["channels"].values())
-        assert tokens == record["loss_tokens"] > 0  # every loss token is in a channel
-        mix = sum(c["tokens"] * c["loss"] for c in record["channels"].values() if c["tokens"]) / tokens
-        assert close(mix, record["lm_loss_token_weighted"])
+        assert list(record.channels) == channels
+        tokens = sum(c.tokens for c in record.channels.values())
+        assert tokens == record.loss_tokens > 0  # every loss token is in a channel
+        mix = sum(c.tokens * c.loss for c in record.channels.values() if c.tokens) / tokens
+        assert close(mix, record.lm_loss_token_weighted)
 
 
 @pytest.mark.timeout(450)
@@ -60,7 +58,7 @@ def test_sft_channels_config(tiny_data, tmp_path):
     records = launch("sft_channels.sh", tiny_data, tmp_path)
     check_records(records, ["math", "code", "chat", "other"])
     # unlabeled.jsonl lines name no channel: they count as `other`.
-    assert sum(r["channels"]["other"]["tokens"] for r in records if r["kind"] == "train") > 0
+    assert sum(r.channels["other"].tokens for r in records if r.kind == "train") > 0
 
 
 @pytest.mark.timeout(450)

@@ -16,7 +16,8 @@ S, CP = 16, 2
 
 def _cp_worker(rank, world_size, packed):
     from megatron_channel import ChannelConfig, channel_loss_func
-    from megatron_channel.batch import Topology, get_model_inputs
+    from megatron_channel.step.layout import Topology
+    from megatron_channel.step.model_inputs import get_model_inputs
     from megatron_channel.testing import init_parallel
 
     init_parallel(tp=1, cp=CP)
@@ -31,7 +32,7 @@ def _cp_worker(rank, world_size, packed):
     else:
         batch["channels"] = torch.tensor([1, 0])
     config = ChannelConfig(["a", "b"])
-    inputs = get_model_inputs(iter([batch]), config, None, topo, torch.device("cpu"))
+    inputs = get_model_inputs(iter([batch]), config.num_channels, None, topo, torch.device("cpu"))
     losses = inputs.labels.float() - 1000  # stands for per-token loss: the token's global index
     _, _, metrics = channel_loss_func(losses, loss_mask=inputs.loss_mask, channels=inputs.channels, config=config,
                                       packed_seq_params=inputs.packed_seq_params)

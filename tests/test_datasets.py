@@ -31,7 +31,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizer
 
-from megatron_channel.datasets import ChannelTaggedDataset, blend_component_paths, tag_datasets
+from megatron_channel.data.tagged import ChannelTaggedDataset, blend_component_paths, tag_datasets
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
 

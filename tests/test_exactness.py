@@ -4,7 +4,7 @@ Every per-token loss comes from the real Megatron-Core ``GPTModel`` (``tiny_gpt`
 CPU over a single-process gloo group). The reference recomputes the losses in float64 with
 ``torch.nn.functional.cross_entropy`` over the same model's logits and groups them per
 channel with plain Python loops over rows / sequences / tokens; nothing from
-``megatron_channel.segments`` is used for the reference.
+``megatron_channel.segment_math`` is used for the reference.
 
 Checked, over a few hundred seeded random cases:
 
@@ -19,7 +19,7 @@ Checked, over a few hundred seeded random cases:
 4. a packed row through ``make_forward_step`` and the real model (block-causal mask) gives the
    same per-channel numbers as running each sequence alone.
 
-Packed cases alternate between the two summing paths of ``megatron_channel.segments``
+Packed cases alternate between the two summing paths of ``megatron_channel.segment_math``
 (numpy for CPU tensors, the torch ops GPU tensors take), so both are checked on the model.
 
 Always: ``loss`` / ``num_tokens`` / ``"lm loss"`` are bitwise Megatron's stock values, the
@@ -41,12 +41,11 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
-from megatron_channel.segments import thd_partition_index
+from megatron_channel.segment_math import summing_like_a_gpu, thd_partition_index
 from megatron_channel.testing import (
     block_causal_mask,
     init_parallel,
     init_single_process_group,
-    summing_like_a_gpu,
     tiny_gpt,
 )
 

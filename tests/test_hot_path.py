@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel import ChannelConfig, channel_loss_func
-from megatron_channel.testing import summing_like_a_gpu
+from megatron_channel.segment_math import summing_like_a_gpu
 
 HOST_READS = ["item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "nonzero", "__len__"]
 COLLECTIVES = ["all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
@@ -96,7 +96,8 @@ def test_unpacked_loss_path_has_no_host_sync(gpu_summing):
 def test_forward_step_batch_path_has_no_host_sync(cp_size):
     """Merging packed rows into one THD stream and the THD context-parallel cut (validate=False:
     the value checks belong to the data side)."""
-    from megatron_channel.batch import Topology, get_model_inputs
+    from megatron_channel.step.layout import Topology
+    from megatron_channel.step.model_inputs import get_model_inputs
 
     rows, s = 2, 16
     tokens = torch.arange(rows * s).view(rows, s)
@@ -105,7 +106,7 @@ def test_forward_step_batch_path_has_no_host_sync(cp_size):
                  channels=torch.tensor([[0, 1, -1], [1, 1, 0]]))
     topo = Topology(cp_size=cp_size, cp_rank=cp_size - 1)
     with forbid_host_sync():
-        inputs = get_model_inputs(iter([batch]), ChannelConfig(["a", "b"]), None, topo, torch.device("cpu"),
+        inputs = get_model_inputs(iter([batch]), 2, None, topo, torch.device("cpu"),
                                   validate=False)
     assert inputs.tokens.shape == (1, rows * s // cp_size)
     assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 16, 24, 28, 32]

@@ -45,7 +45,7 @@ def megatron_argv(data_dir, *channel_flags):
 def _launch_worker(rank, world_size, data_dir):
     import megatron.training
 
-    from megatron_channel import launch
+    from megatron_channel.launch import pretrain_gpt as launch
     from megatron_channel.channel_logging import installed_channel_logger, uninstall_channel_logging
     from megatron_channel.testing import init_parallel, tiny_gpt
 
@@ -106,7 +106,7 @@ def test_main_wires_args_logging_provider_and_forward_step(tmp_path):
 def _bad_flags_worker(rank, world_size, data_dir, flags):
     import megatron.training
 
-    from megatron_channel import launch
+    from megatron_channel.launch import pretrain_gpt as launch
 
     write_blend(data_dir)
     megatron.training.pretrain = lambda *args, **kwargs: pytest.fail("pretrain must not start")
@@ -136,7 +136,7 @@ def test_bad_channel_flags_stop_before_pretrain(tmp_path, flags, match):
 def _stock_worker(rank, world_size, data_dir):
     import megatron.training
 
-    from megatron_channel import launch
+    from megatron_channel.launch import pretrain_gpt as launch
     from megatron_channel.channel_logging import installed_channel_logger
     from megatron_channel.testing import init_parallel, tiny_gpt
 

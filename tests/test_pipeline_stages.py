@@ -15,8 +15,8 @@ S = 16
 
 
 def _stage_worker(rank, world_size, packed, pp=2, middle_has_data=True):
-    from megatron_channel import ChannelConfig
-    from megatron_channel.batch import Topology, get_model_inputs
+    from megatron_channel.step.layout import Topology
+    from megatron_channel.step.model_inputs import get_model_inputs
     from megatron_channel.testing import block_causal_mask, init_parallel
 
     init_parallel(tp=1, pp=pp)
@@ -32,7 +32,7 @@ def _stage_worker(rank, world_size, packed, pp=2, middle_has_data=True):
         batch["attention_mask"] = block_causal_mask(batch["cu_seqlens"], S)
     middle = not (topo.first_stage or topo.last_stage)
     data = None if middle and not middle_has_data else iter([batch])
-    inputs = get_model_inputs(data, ChannelConfig(["a", "b"]), None, topo, torch.device("cpu"))
+    inputs = get_model_inputs(data, 2, None, topo, torch.device("cpu"))
     present = {name for name in ("tokens", "position_ids", "attention_mask", "labels", "loss_mask", "channels")
                if getattr(inputs, name) is not None}
     cu = None if inputs.packed_seq_params is None else inputs.packed_seq_params.cu_seqlens_q.tolist()

@@ -21,13 +21,16 @@ import pytest
 import torch
 
 from megatron_channel import ChannelConfig
-from megatron_channel.channel_logging import (
-    ChannelAccountant,
-    ChannelStats,
+from megatron_channel.channel_logging.jsonl_schema import (
+    TrainChannel,
+    TrainRecord,
+    append_jsonl,
+    to_json,
     train_record,
-    train_scalars,
     validation_record,
 )
+from megatron_channel.channel_logging.log_fields import train_scalars
+from megatron_channel.channel_logging.windows import ChannelAccountant, ChannelStats
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "plot_channels.py"
@@ -84,7 +87,7 @@ def synthetic_run(tmp_path_factory):
                 want_tb["share"].setdefault(name, []).append((it, tb.window.share(i)))
             if it % LOG_INTERVAL == 0:
                 report = accountant.console_report()
-                f.write(json.dumps(train_record(report, it)) + "\n")
+                f.write(json.dumps(to_json(train_record(report, it))) + "\n")
                 want_jsonl["reference"][it] = report.window.lm_loss()
                 for i, name in enumerate(CONFIG.channels):
                     if report.window.loss(i) is not None:
@@ -92,8 +95,8 @@ def synthetic_run(tmp_path_factory):
                     want_jsonl["share"].setdefault(name, []).append((it, report.window.share(i)))
             if it % EVAL_INTERVAL == 0:
                 stats = validation_stats(it)
-                f.write(json.dumps(validation_record(stats, it)) + "\n")
-                f.write(json.dumps(validation_record(stats, it, split="test")) + "\n")  # not plotted
+                f.write(json.dumps(to_json(validation_record(stats, it))) + "\n")
+                f.write(json.dumps(to_json(validation_record(stats, it, split="test"))) + "\n")  # not plotted
                 for i, (name, key) in enumerate(zip(CONFIG.channels, CONFIG.metric_keys())):
                     if stats.loss(i) is not None:
                         writer.add_scalar(f"{key} validation", stats.loss(i), it)  # as Megatron names it
@@ -136,12 +139,14 @@ def test_tensorboard_series_equal_what_was_written(synthetic_run):
 
 @pytest.mark.timeout(60)
 def test_resumed_run_keeps_the_later_value(tmp_path):
-    records = [
-        {"kind": "train", "iteration": it, "channels": {"math": {"loss": value, "share": 1.0}}}
-        for it, value in [(2, 3.0), (4, 2.5), (6, 2.0), (4, 9.0), (6, 8.0), (8, 7.0)]  # resumed from 2
-    ]
     path = tmp_path / "resumed.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for it, value in [(2, 3.0), (4, 2.5), (6, 2.0), (4, 9.0), (6, 8.0), (8, 7.0)]:  # resumed from 2
+        append_jsonl(str(path), TrainRecord(
+            iteration=it, consumed_samples=None, iterations_in_window=2, lm_loss_token_weighted=value,
+            loss_tokens=1.0, loss_tokens_cumulative=1.0,
+            channels={"math": TrainChannel(loss=value, tokens=1.0, share=1.0, tokens_cumulative=1.0,
+                                           share_cumulative=1.0)},
+        ))
     assert plot_channels.load_series(str(path)).train_loss["math"] == [(2, 3.0), (4, 9.0), (6, 8.0), (8, 7.0)]
 
 

@@ -53,22 +53,22 @@ def check_train_logs(run, iteration_tokens: int | None = ITERATION_TOKENS, megat
     records = run.train_records()
     assert records, run.stdout[-3000:]
     lines = run.iteration_lines()
-    assert sorted(lines) == [r["iteration"] for r in records]
+    assert sorted(lines) == [r.iteration for r in records]
     for record in records:
-        channels = record["channels"]
-        tokens = sum(c["tokens"] for c in channels.values())
-        assert tokens == record["loss_tokens"] > 0  # every token is tracked
-        mix = sum(c["tokens"] * c["loss"] for c in channels.values() if c["tokens"]) / tokens
-        assert close(mix, record["lm_loss_token_weighted"]), record
+        channels = record.channels
+        tokens = sum(c.tokens for c in channels.values())
+        assert tokens == record.loss_tokens > 0  # every token is tracked
+        mix = sum(c.tokens * c.loss for c in channels.values() if c.tokens) / tokens
+        assert close(mix, record.lm_loss_token_weighted), record
         if iteration_tokens is not None:
-            assert record["loss_tokens"] == iteration_tokens * record["iterations_in_window"]
-        line = lines[record["iteration"]]
+            assert record.loss_tokens == iteration_tokens * record.iterations_in_window
+        line = lines[record.iteration]
         if megatron_lm_loss:
             assert close(float(line["lm loss"]), mix), (line["lm loss"], mix)
         for name, channel in channels.items():
-            assert float(line[f"tokens_{name}"]) == channel["tokens"]
-            if channel["tokens"]:
-                assert close(float(line[f"loss_{name}"]), channel["loss"], 1e-6)
+            assert float(line[f"tokens_{name}"]) == channel.tokens
+            if channel.tokens:
+                assert close(float(line[f"loss_{name}"]), channel.loss, 1e-6)
             else:
                 assert f"loss_{name}" not in line
     check_tensorboard_matches(run, records)
@@ -79,37 +79,37 @@ def check_tensorboard_matches(run, records):
     scalars = run.scalars
     assert "lm loss" in scalars
     for record in records:
-        window = range(record["iteration"] - record["iterations_in_window"] + 1, record["iteration"] + 1)
-        assert sum(scalars["loss tokens"][i] for i in window) == record["loss_tokens"]
-        for name, channel in record["channels"].items():
+        window = range(record.iteration - record.iterations_in_window + 1, record.iteration + 1)
+        assert sum(scalars["loss tokens"][i] for i in window) == record.loss_tokens
+        for name, channel in record.channels.items():
             tokens = [scalars[f"tokens_{name}"][i] for i in window]
-            assert sum(tokens) == channel["tokens"]
-            if channel["tokens"]:
+            assert sum(tokens) == channel.tokens
+            if channel.tokens:
                 weighted = sum(t * scalars[f"loss_{name}"][i] for t, i in zip(tokens, window) if t)
-                assert close(weighted / sum(tokens), channel["loss"]), (name, record["iteration"])
+                assert close(weighted / sum(tokens), channel.loss), (name, record.iteration)
 
 
 def check_validation(run, sets=("",)):
     """Per-channel validation of every evaluated set: present, finite, and the same in the
     console, the jsonl and TensorBoard (in evaluation order: the final evaluation after
     training repeats the last iteration's step)."""
-    records = [r for r in run.validation_records() if r["split"] == "validation"]
+    records = [r for r in run.validation_records() if r.split == "validation"]
     assert records
-    assert {r["set"] for r in records} == set(sets)
+    assert {r.set for r in records} == set(sets)
     lines = [fields for head, fields in run.validation_lines() if "test set" not in head]
     assert len(lines) == len(records), [h for h, _ in run.validation_lines()]
     for record, line in zip(records, lines):
-        present = {name: c for name, c in record["channels"].items() if c["tokens"]}
+        present = {name: c for name, c in record.channels.items() if c.tokens}
         assert present, record
-        assert sum(c["tokens"] for c in record["channels"].values()) == record["loss_tokens"]
+        assert sum(c.tokens for c in record.channels.values()) == record.loss_tokens
         for name, channel in present.items():
-            assert math.isfinite(channel["loss"])
-            assert close(float(line[f"loss_{name} value"]), channel["loss"], 1e-6)
-            assert float(line[f"tokens_{name}"]) == channel["tokens"]
+            assert math.isfinite(channel.loss)
+            assert close(float(line[f"loss_{name} value"]), channel.loss, 1e-6)
+            assert float(line[f"tokens_{name}"]) == channel.tokens
     for suffix in sets:
-        for name in records[0]["channels"]:
-            logged = [(r["iteration"], r["channels"][name]["loss"]) for r in records
-                      if r["set"] == suffix and r["channels"][name]["tokens"]]
+        for name in records[0].channels:
+            logged = [(r.iteration, r.channels[name].loss) for r in records
+                      if r.set == suffix and r.channels[name].tokens]
             points = run.events.get(f"loss_{name} validation{suffix}", [])
             assert [step for step, _ in points] == [it for it, _ in logged]
             assert all(close(value, loss) for (_, value), (_, loss) in zip(points, logged))
@@ -123,7 +123,7 @@ def test_data_parallel(runs):
     assert "NVIDIA Apex not found: training as with --no-persist-layer-norm --no-gradient-accumulation-fusion" in run.stdout
     check_train_logs(run)
     check_validation(run)
-    assert [r["iteration"] for r in run.train_records()] == [1, 5, 10, 15, 20]
+    assert [r.iteration for r in run.train_records()] == [1, 5, 10, 15, 20]
 
 
 def test_tensor_parallel_with_a_channel_that_never_has_tokens(runs):
@@ -132,7 +132,7 @@ def test_tensor_parallel_with_a_channel_that_never_has_tokens(runs):
     check_train_logs(run)
     check_validation(run)
     # `math` is listed but no sample is math: 0 tokens everywhere, no loss value, no NaN.
-    assert all(r["channels"]["math"] == {**r["channels"]["math"], "loss": None, "tokens": 0.0}
+    assert all(r.channels["math"].loss is None and r.channels["math"].tokens == 0.0
                for r in run.records)
     assert "loss_math" not in run.events and "loss_math validation" not in run.events
     assert all(value == 0.0 for _, value in run.events["tokens_math"])
@@ -145,7 +145,7 @@ def test_pipeline_parallel_logs_the_last_stage(runs):
     # 4 microbatches) are the ones logged, once, and they mix to Megatron's lm loss.
     check_train_logs(run)
     check_validation(run)
-    iterations = [r["iteration"] for r in run.train_records()]
+    iterations = [r.iteration for r in run.train_records()]
     assert iterations == sorted(set(iterations))  # written by one rank only
 
 
@@ -159,8 +159,8 @@ def test_multiple_validation_sets(runs, data_dir):
     check_validation(run, sets=tuple(f"-{name}" for name in CHANNELS))
     for record in run.validation_records():
         # Each validation set is one blend component, so one channel holds all its tokens.
-        own = record["set"][1:]
-        assert record["channels"][own]["tokens"] == record["loss_tokens"]
+        own = record.set[1:]
+        assert record.channels[own].tokens == record.loss_tokens
 
 
 def test_disable_channel_loss_leaves_lm_loss_bitwise_unchanged(runs):
@@ -182,22 +182,22 @@ def test_resume_continues_the_curves(runs, tmp_path):
     checkpoint = str(tmp_path / "checkpoint")
     flags = ("--train-iters", "20", "--save", checkpoint, "--save-interval", "10")
     first = runs("resume", *flags, "--exit-interval", "10")
-    assert max(r["iteration"] for r in first.train_records()) == 10
+    assert max(r.iteration for r in first.train_records()) == 10
     resumed = runs("resume_2", *flags, "--load", checkpoint)
     check_train_logs(resumed)
     # The resumed process picks up at iteration 11: nothing before it, nothing twice.
     after = resumed.train_records()
-    assert after[0]["iteration"] > 10 and after[-1]["iteration"] == 20
-    assert sum(r["iterations_in_window"] for r in after if r["iteration"] % 5 == 0) == 10
+    assert after[0].iteration > 10 and after[-1].iteration == 20
+    assert sum(r.iterations_in_window for r in after if r.iteration % 5 == 0) == 10
     # ... and it is the curve an uninterrupted run draws.
-    straight = {r["iteration"]: r for r in runs("dp2", "--train-iters", "20").train_records()}
+    straight = {r.iteration: r for r in runs("dp2", "--train-iters", "20").train_records()}
     for record in after:
-        if record["iteration"] % 5:
+        if record.iteration % 5:
             continue
-        reference = straight[record["iteration"]]
-        for name, channel in record["channels"].items():
-            assert channel["tokens"] == reference["channels"][name]["tokens"]
-            assert close(channel["loss"], reference["channels"][name]["loss"], 1e-4), (record["iteration"], name)
+        reference = straight[record.iteration]
+        for name, channel in record.channels.items():
+            assert channel.tokens == reference.channels[name].tokens
+            assert close(channel.loss, reference.channels[name].loss, 1e-4), (record.iteration, name)
 
 
 def test_context_parallel(runs):
@@ -231,7 +231,7 @@ def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     # channel, and unlabeled.jsonl's lines count as `other`.
     check_train_logs(run, iteration_tokens=None, megatron_lm_loss=False)
     check_validation(run)
-    assert all(r["loss_tokens"] > 0 for r in run.train_records())
-    assert sum(r["channels"]["other"]["tokens"] for r in run.train_records()) > 0
-    assert {name for r in run.train_records() for name, c in r["channels"].items() if c["tokens"]} == {
+    assert all(r.loss_tokens > 0 for r in run.train_records())
+    assert sum(r.channels["other"].tokens for r in run.train_records()) > 0
+    assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
         "math", "code", "chat", "other"}

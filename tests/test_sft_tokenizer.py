@@ -30,7 +30,7 @@ from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.training.arguments import add_megatron_arguments
 from megatron.training.datasets.sft_dataset import SFTDataset
 
-from megatron_channel.sft import IGNORE_INDEX, SFTJsonlDataset, sft_dataset_class
+from megatron_channel.data.sft import IGNORE_INDEX, SFTJsonlDataset, sft_dataset_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))

@@ -7,7 +7,7 @@ from argparse import Namespace
 
 import pytest
 
-from megatron_channel import startup
+from megatron_channel.launch import startup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
-from ..segments import thd_partition_index
+from ..segment_math import thd_partition_index
 
 
 class _GatherSequence(torch.autograd.Function):

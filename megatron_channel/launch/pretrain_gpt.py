@@ -20,12 +20,13 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from .arguments import ChannelSettings, add_channel_args, channel_settings_from_args
-from .channel_logging import install_channel_logging
-from .datasets import blend_component_paths, tag_datasets
-from .forward_step import make_forward_step
-from .loss import stock_loss_func
-from .sft import sft_dataset_class
+from ..channel_logging.install import install_channel_logging
+from ..data.sft import sft_dataset_class
+from ..data.tagged import blend_component_paths, tag_datasets
+from ..settings import ChannelSettings, add_channel_args, channel_settings_from_args
+from ..step.forward_step import make_forward_step
+from ..step.layout import rows_are_packed
+from ..step.loss import stock_loss_func
 from .startup import (
     apply_defaults_without_apex,
     check_cpu_args,
@@ -85,10 +86,6 @@ def is_dataset_built_on_rank(vp_stage=None, every_stage: bool = False) -> bool:
     return parallel_state.is_pipeline_first_stage(
         ignore_virtual=ignore_virtual, vp_stage=vp_stage
     ) or parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage)
-
-
-def rows_are_packed(args) -> bool:
-    return bool(args.sft or getattr(args, "dataloader_inter_document_masking", False))
 
 
 def dataset_class(args, settings: ChannelSettings):
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     argv, cpu = cpu_argv(sys.argv[1:] if argv is None else argv)
     require_cuda_or_cpu(cpu)
     if cpu:
-        from .cpu import install_cuda_on_cpu
+        from ..cpu import install_cuda_on_cpu
 
         install_cuda_on_cpu()
     skip_built_dataset_helpers()

@@ -8,9 +8,10 @@ import torch
 
 from megatron.core.utils import get_attr_wrapped_model
 
-from .batch import BatchLayout, Topology, get_model_inputs
-from .config import ChannelConfig
+from ..config import ChannelConfig
+from .layout import BatchLayout, Topology
 from .loss import channel_loss_func
+from .model_inputs import get_model_inputs
 
 
 def model_device(model) -> torch.device:
@@ -55,7 +56,7 @@ def make_forward_step(
         if batch_layout is None and topo.tp_size > 1:
             # Evaluation feeds --eval-micro-batch-size rows, and Megatron puts the model in eval mode.
             batch_layout = BatchLayout.from_megatron_args(training=model.training)
-        inputs = get_model_inputs(data_iterator, config, batch_layout, topo, model_device(model), validate)
+        inputs = get_model_inputs(data_iterator, config.num_channels, batch_layout, topo, model_device(model), validate)
         args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
         # loss_mask as stock pretrain_gpt passes it: multi-token prediction masks its loss with it.
         kwargs = dict(labels=inputs.labels, loss_mask=inputs.loss_mask)

@@ -1,4 +1,4 @@
-"""Capture of the channel metrics inside ``loss_func`` and their one all-reduce per iteration.
+"""Channel metrics taken out of ``loss_func`` per microbatch, and their one all-reduce per iteration.
 
 ``capturing_forward_step`` wraps a Megatron ``forward_step_func`` so that every ``loss_func``
 it returns hands back Megatron's ``(loss, num_tokens, metrics)`` with the channel keys taken
@@ -6,8 +6,9 @@ OUT of ``metrics`` and kept, per microbatch, as one ``[K + 1, 2]`` tensor (rows:
 config order, then ``"lm loss"``; columns: summed per-token loss, loss tokens), still on the
 GPU. So stock code never sees a channel key: no NaN, and none of its K per-key all-reduces.
 This adds one small ``torch.stack`` per microbatch and no host sync or collective.
-``reduce_captured`` then sums an iteration's rows and does ONE float64 all-reduce over the
+``all_reduce_totals`` then sums an iteration's rows and does ONE float64 all-reduce over the
 data-parallel x context-parallel group (``dp_cp_group``), giving the exact global totals.
+``reduce_channel_metrics`` does the same for metric dicts collected by the user's own loop.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .accounting import LM_LOSS_KEY
-from .config import ChannelConfig
+from ..config import ChannelConfig
+from .names import LM_LOSS_KEY
 
 
 class ChannelMetricsError(KeyError):
-    """A ``loss_func``'s metrics do not match the ``ChannelConfig`` given to the logger."""
+    """A ``loss_func``'s metrics do not match the ``ChannelConfig`` given to the logging."""
 
     def __str__(self):  # KeyError would print the message with quotes
         return str(self.args[0])
@@ -83,16 +84,12 @@ def capturing_forward_step(forward_step_func, config: ChannelConfig, captured: l
     return forward_step_capturing
 
 
-def reduce_captured(captured: Sequence[Tensor], group=None) -> Tensor:
-    """Sum the microbatch rows and all-reduce once (float64) over ``group``: ``[K + 1, 2]``."""
-    totals = torch.stack(list(captured)).to(torch.float64).sum(0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals, group=group)
-    return totals
+def dp_cp_group(model=None):
+    """The group ``train_step`` reduces ``lm loss`` over: data-parallel x context-parallel.
 
-
-def dp_cp_group(model):
-    """The group train_step reduces ``lm loss`` over: the model's pg_collection, else parallel_state's."""
+    The model's ``pg_collection`` when it has one (``model``: Megatron's list of model
+    chunks), else ``parallel_state``'s, else None (the default group).
+    """
     from megatron.core import parallel_state
     from megatron.core.utils import get_attr_wrapped_model
 
@@ -109,3 +106,42 @@ def dp_cp_group(model):
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_data_parallel_group(with_context_parallel=True)
     return None
+
+
+def all_reduce_totals(rows: Sequence[Tensor], group=None) -> Tensor:
+    """Sum per-microbatch ``[n, 2]`` (sum, count) rows and all-reduce once, in float64, over ``group``.
+
+    No reduction when ``torch.distributed`` is not initialized. Returns ``[n, 2]`` float64.
+    """
+    totals = torch.stack([r.detach().to(torch.float64) for r in rows]).sum(0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals, group=group)
+    return totals
+
+
+def reduce_channel_metrics(metric_dicts: Sequence[Mapping[str, Tensor]], group=None) -> dict[str, float]:
+    """Global ``sum / count`` per key over microbatches and data-parallel x CP ranks.
+
+    Like Megatron's ``train_step`` on the last pipeline stage: sum each key's ``[sum, count]``
+    over this rank's microbatches, all-reduce over ``group``, divide. Unlike it, a key whose
+    global count is 0 is left out instead of becoming NaN. Sums run in float64 and all keys
+    travel in one all-reduce. Every rank must pass the same keys in the same order, which
+    ``channel_loss_func`` guarantees.
+
+    Args:
+        metric_dicts: one ``metrics`` dict per microbatch, values ``[2]`` tensors.
+        group: process group to reduce over; default ``dp_cp_group()``.
+
+    Returns:
+        ``{key: mean loss per token}`` for keys with tokens somewhere.
+    """
+    if not metric_dicts:
+        return {}
+    keys = list(metric_dicts[0])
+    for i, d in enumerate(metric_dicts):
+        if list(d) != keys:
+            raise KeyError(f"microbatch {i} reports keys {list(d)}, microbatch 0 reports {keys}")
+    rows = [torch.stack([d[k].detach().view(-1).to(torch.float64) for k in keys]) for d in metric_dicts]
+    totals = all_reduce_totals(rows, dp_cp_group() if group is None else group)
+    sums, counts = totals.cpu().unbind(1)
+    return {k: s / c for k, s, c in zip(keys, sums.tolist(), counts.tolist()) if c > 0}

@@ -20,6 +20,8 @@ import importlib.util
 
 import torch
 
+from ..step.layout import rows_are_packed
+
 CPU_FLAG = "--cpu"
 # Megatron flags a CPU run needs; given first, so the user's own later values win where
 # they may (check_cpu_args refuses the ones that cannot work on a CPU). The Apex-only
@@ -97,8 +99,7 @@ def require_cuda_or_cpu(cpu: bool) -> None:
 
 def needs_cpu_attention(args) -> bool:
     """Megatron's local attention refuses packed rows (``cu_seqlens``) and CP > 1."""
-    packed = bool(args.sft or getattr(args, "dataloader_inter_document_masking", False))
-    return packed or args.context_parallel_size > 1
+    return rows_are_packed(args) or args.context_parallel_size > 1
 
 
 def check_cpu_args(args) -> None:

@@ -64,10 +64,6 @@ def test_loss_mask_size_mismatch_is_named():
         channel_loss_func(torch.rand(2, S), loss_mask=torch.ones(1, 8), channels=torch.tensor([0, 1]), config=CONFIG)
 
 
-def test_errors_are_value_errors():
-    assert issubclass(ChannelBatchError, ValueError)
-
-
 def test_packed_seq_params_without_boundaries_is_named():
     with pytest.raises(ValueError, match="neither cu_seqlens_q_padded nor cu_seqlens_q"):
         channel_loss_func(torch.rand(1, S), loss_mask=torch.ones(1, S), channels=torch.tensor([0]), config=CONFIG,

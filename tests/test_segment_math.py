@@ -1,8 +1,8 @@
-"""Both summing paths of ``megatron_channel.segments`` against a float64 reference by hand.
+"""Both summing paths of ``megatron_channel.segment_math`` against a float64 reference by hand.
 
 CPU tensors are summed with numpy (``sequence_stats_reduceat``, numpy ``bincount``); GPU
 tensors with torch (``sequence_stats_prefix``, ``index_add_``). Both run here on CPU tensors,
-the torch path by turning ``summed_on_host`` off, over randomized boundaries with the awkward
+the torch path inside ``summing_like_a_gpu``, over randomized boundaries with the awkward
 cases: zero-length sequences in the middle, trailing entries equal to the token count, a
 sequence ending on the last token or one before it, tokens after the last entry, int32 and
 int64 boundaries, untracked (-1) and absent channels, and no tokens at all.
@@ -15,15 +15,15 @@ import random
 import pytest
 import torch
 
-from megatron_channel import segments
-from megatron_channel.segments import (
+from megatron_channel import segment_math
+from megatron_channel.segment_math import (
     channel_totals,
     row_channel_totals,
     sequence_stats,
     sequence_stats_prefix,
     sequence_stats_reduceat,
+    summing_like_a_gpu,
 )
-from megatron_channel.testing import summing_like_a_gpu
 
 CASES = 2000
 
@@ -109,9 +109,15 @@ def test_both_paths_agree_on_large_microbatches():
         assert torch.equal(host[1], prefix[1])
 
 
-def test_cpu_tensors_are_summed_on_the_host():
-    assert segments.summed_on_host(torch.zeros(1))
-    assert not segments.summed_on_host(torch.zeros(1, device="meta"))
+def test_summing_like_a_gpu_switches_cpu_tensors_to_the_torch_path_and_back():
+    cpu = torch.zeros(1)
+    assert segment_math.sums_with_numpy(cpu)
+    with pytest.raises(RuntimeError, match="inside"):
+        with summing_like_a_gpu():
+            assert not segment_math.sums_with_numpy(cpu)
+            raise RuntimeError("inside")
+    assert segment_math.sums_with_numpy(cpu)  # restored even when the block raised
+    assert not segment_math.sums_with_numpy(torch.zeros(1, device="meta"))
 
 
 def test_row_channel_totals_match_the_reference():

@@ -8,7 +8,7 @@ reach the training loop:
 - unpacked samples (GPT rows): ``channels`` is a 0-d int64 tensor; collated, ``[b]``;
 - packed samples (``cu_seqlens`` ``[L]``): ``channels`` ``[L - 1]``, one id per sequence,
   ``-1`` on padding slots; collated, ``[b, L - 1]``;
-- samples that already carry ``channels`` (``megatron_channel.sft`` rows): entries equal to
+- samples that already carry ``channels`` (``megatron_channel.data.sft`` rows): entries equal to
   ``INHERIT_CHANNEL`` (sequences whose jsonl line names no channel) take the component's.
 """
 
@@ -53,7 +53,7 @@ def resolve_component_channels(components: list | None, component_channel_ids: S
 
     A component needs a channel when any of its samples may lack one: always, unless it says
     how many of its sequences lack their own (``unlabeled_conversations``, as
-    ``megatron_channel.sft`` datasets do) and that is 0. Entries no sample needs stay ``None``.
+    ``megatron_channel.data.sft`` datasets do) and that is 0. Entries no sample needs stay ``None``.
     """
     resolved: list[int | None] = []
     for j, value in enumerate(component_channel_ids):

@@ -113,10 +113,7 @@ class ChannelSettings:
     def __post_init__(self):
         names = _check_names(self.names, flag_of("channels"))
         object.__setattr__(self, "names", names)
-        if self.untracked not in UNTRACKED_POLICIES:
-            raise ValueError(
-                f"{flag_of('untracked_channels')} = {self.untracked!r}; choose one of {list(UNTRACKED_POLICIES)}"
-            )
+        check_untracked_policy(self.untracked, flag_of("untracked_channels"))
         if not isinstance(self.field, str) or not self.field:
             raise ValueError(f"{flag_of('channel_field')} = {self.field!r}; give a non-empty field name")
         check_prefix(self.prefix, flag_of("channel_loss_prefix"))
@@ -198,6 +195,12 @@ class ChannelSettings:
         return self._config.channel_id(name)
 
 
+def check_untracked_policy(policy: Any, source: str) -> None:
+    """``ValueError`` naming ``source`` unless ``policy`` is one of ``UNTRACKED_POLICIES``."""
+    if policy not in UNTRACKED_POLICIES:
+        raise ValueError(f"{source} = {policy!r}; choose one of {list(UNTRACKED_POLICIES)}")
+
+
 def _check_names(names: Any, source: str, *, unique: bool = True) -> tuple[str, ...]:
     """A non-empty list of non-empty strings, without repeats when ``unique``."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
@@ -256,10 +259,8 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
         channels = _check_names(channels, labels["channels"])
     from_blend = _from_blend(raw.get("channels_from_blend"), labels.get("channels_from_blend"))
     untracked = raw.get("untracked_channels", DEFAULTS["untracked_channels"])
-    if untracked not in UNTRACKED_POLICIES:
-        raise ValueError(
-            f"{labels['untracked_channels']} = {untracked!r}; choose one of {list(UNTRACKED_POLICIES)}"
-        )
+    if "untracked_channels" in labels:  # named where it was given, before anything reads it
+        check_untracked_policy(untracked, labels["untracked_channels"])
     blend = _training_blend(args) if from_blend is not None else None
     if from_blend is not None and blend is None:
         raise ValueError(

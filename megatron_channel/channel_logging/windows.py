@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import ChannelConfig
-
-LM_LOSS_KEY = "lm loss"
+from ..config import ChannelConfig
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,12 @@
 * ``evaluate_and_print_results`` wrapper: appends validation token counts to the printed
   line, writes them to TensorBoard / W&B and writes the jsonl records (last rank only).
 
-Names and formats of what they write: ``log_format``.
+If Megatron's console lines are worded differently from 0.19's (a newer release), the
+fields cannot be placed: ``training_log`` warns after ``UNRECOGNISED_LINE_INTERVALS`` log
+intervals without a recognised iteration line, and ``evaluate_and_print_results`` after an
+evaluation without a recognised validation line (``ChannelLoggingWarning``, once each).
+
+Names and formats of what they write: ``names``, ``log_fields``, ``jsonl_schema``.
 """
 
 from __future__ import annotations
@@ -33,46 +38,72 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .accounting import ChannelAccountant, ChannelReport, ChannelStats
-from .capture import ChannelMetricsError, capturing_forward_step, dp_cp_group, reduce_captured
-from .config import ChannelConfig
-from .log_format import (
-    append_jsonl,
+from ..config import ChannelConfig
+from .jsonl_schema import Record, append_jsonl, train_record, validation_record
+from .log_fields import (
     console_fields,
     insert_into_iteration_line,
     is_iteration_line,
-    train_record,
+    is_validation_line,
     train_scalars,
     validation_console_fields,
-    validation_record,
     validation_scalars,
 )
 from .megatron_check import SUPPORT_HINT, MegatronInternalsError, mark_wrapper
+from .metric_capture import ChannelMetricsError, all_reduce_totals, capturing_forward_step, dp_cp_group
+from .names import VS_SAMPLES
+from .windows import ChannelAccountant, ChannelReport, ChannelStats
+
+
+UNRECOGNISED_LINE_INTERVALS = 2
+
+
+class ChannelLoggingWarning(UserWarning):
+    """The channel fields could not be placed in Megatron's console output."""
 
 
 @dataclass
-class ChannelLogger:
-    """State shared by the wrappers: the accountant, the iteration handed from train_step to
-    training_log, and the evaluations handed from evaluate to evaluate_and_print_results."""
+class ChannelLoggingState:
+    """What the four wrappers share.
+
+    Attributes:
+        config: the channels.
+        jsonl_path: where the last rank appends the records, or None.
+        accountant: the console, TensorBoard and whole-run windows.
+        pending_train_totals: ``[K + 1, 2]`` of the iteration train_step just ran, for training_log.
+        pending_evals: one ``ChannelStats`` per evaluate call, for evaluate_and_print_results.
+        iteration_line_seen: a Megatron iteration line was recognised at least once.
+        intervals_without_line: log intervals that ended with no recognised iteration line.
+        warned: the warnings already given (each at most once).
+    """
 
     config: ChannelConfig
     jsonl_path: str | None = None
     accountant: ChannelAccountant = field(init=False)
     pending_train_totals: Tensor | None = None
     pending_evals: list[ChannelStats] = field(default_factory=list)
+    iteration_line_seen: bool = False
+    intervals_without_line: int = 0
+    warned: set[str] = field(default_factory=set)
 
     def __post_init__(self):
         self.accountant = ChannelAccountant(self.config)
 
-    def write_record(self, record: dict) -> None:
+    def write_record(self, record: Record) -> None:
         if self.jsonl_path is not None and _is_last_rank():
             append_jsonl(self.jsonl_path, record)
+
+    def warn_once(self, what: str, message: str) -> None:
+        if what not in self.warned and _is_last_rank():
+            self.warned.add(what)
+            warnings.warn(message, ChannelLoggingWarning, stacklevel=3)
 
 
 def _is_last_rank() -> bool:
@@ -82,8 +113,8 @@ def _is_last_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def wrap_train_step(original: Callable, logger: ChannelLogger) -> Callable:
-    """``train_step`` that hands the iteration's exact global channel totals to ``logger``."""
+def wrap_train_step(original: Callable, state: ChannelLoggingState) -> Callable:
+    """``train_step`` that hands the iteration's exact global channel totals to ``state``."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -98,10 +129,10 @@ def wrap_train_step(original: Callable, logger: ChannelLogger) -> Callable:
             return forward_backward_func(*fb_args, **fb_kwargs)
 
         bound.arguments["forward_step_func"] = capturing_forward_step(
-            bound.arguments["forward_step_func"], logger.config, captured
+            bound.arguments["forward_step_func"], state.config, captured
         )
         bound.arguments["forward_backward_func"] = forward_backward_restarting_capture
-        logger.pending_train_totals = None
+        state.pending_train_totals = None
         result = original(*bound.args, **bound.kwargs)
         if not (isinstance(result, tuple) and len(result) == 8 and isinstance(result[0], dict)):
             raise MegatronInternalsError(
@@ -115,7 +146,7 @@ def wrap_train_step(original: Callable, logger: ChannelLogger) -> Callable:
                     "train_step reported losses but no loss_func call was seen: the forward step "
                     "must return make_forward_step's loss_func, called by Megatron in Python"
                 )
-            logger.pending_train_totals = reduce_captured(captured, dp_cp_group(bound.arguments["model"]))
+            state.pending_train_totals = all_reduce_totals(captured, dp_cp_group(bound.arguments["model"]))
         return result
 
     return mark_wrapper(train_step, original)
@@ -147,7 +178,7 @@ def printing_through(module, edit: Callable[[object], object]):
         module.print_rank_last = print_original
 
 
-def wrap_training_log(original: Callable, logger: ChannelLogger, module) -> Callable:
+def wrap_training_log(original: Callable, state: ChannelLoggingState, module) -> Callable:
     """``training_log`` that also logs the channels (``module``: where ``print_rank_last`` lives)."""
     signature = inspect.signature(original)
 
@@ -157,35 +188,55 @@ def wrap_training_log(original: Callable, logger: ChannelLogger, module) -> Call
         bound.apply_defaults()
         iteration = bound.arguments["iteration"]
         is_first = bool(bound.arguments["is_first_iteration"])
-        totals, logger.pending_train_totals = logger.pending_train_totals, None
+        totals, state.pending_train_totals = state.pending_train_totals, None
         if totals is not None and not bound.arguments["skipped_iter"]:
-            logger.accountant.add_iteration(totals)
+            state.accountant.add_iteration(totals)
 
         margs = module.get_args()
         console: list[ChannelReport] = []
 
+        line_seen = [False]
+
         def with_channels(message):
-            if not console and is_iteration_line(message):
+            if not line_seen[0] and is_iteration_line(message):
+                line_seen[0] = True
                 # Taken when the line is printed, so the interval resets exactly when Megatron's does.
-                report = logger.accountant.console_report(reset=not is_first)
+                report = state.accountant.console_report(reset=not is_first)
                 if report is not None:
                     console.append(report)
-                    message = insert_into_iteration_line(message, console_fields(report, logger.config))
+                    message = insert_into_iteration_line(message, console_fields(report, state.config))
             return message
 
         with printing_through(module, with_channels):
             result = original(*bound.args, **bound.kwargs)
+        check_iteration_line_seen(state, line_seen[0], iteration % margs.log_interval == 0)
 
         if console:
-            logger.write_record(train_record(console[0], iteration, getattr(margs, "consumed_train_samples", None)))
+            state.write_record(train_record(console[0], iteration, getattr(margs, "consumed_train_samples", None)))
         if iteration % margs.tensorboard_log_interval == 0:
-            report = logger.accountant.tensorboard_report()
+            report = state.accountant.tensorboard_report()
             if report is not None:
-                _write_scalars(module, train_scalars(report, logger.config), iteration, margs, vs_samples=True,
-                               loss_keys=set(logger.config.metric_keys()))
+                _write_scalars(module, train_scalars(report, state.config), iteration, margs, vs_samples=True,
+                               loss_keys=set(state.config.metric_keys()))
         return result
 
     return mark_wrapper(training_log, original)
+
+
+def check_iteration_line_seen(state: ChannelLoggingState, seen: bool, interval_ended: bool) -> None:
+    """Warn once when the first log intervals printed no iteration line this logging recognises."""
+    if seen:
+        state.iteration_line_seen = True
+    elif interval_ended and not state.iteration_line_seen:
+        state.intervals_without_line += 1
+        if state.intervals_without_line >= UNRECOGNISED_LINE_INTERVALS:
+            state.warn_once(
+                "iteration line",
+                f"no Megatron iteration line (' iteration N/ M | ...') was recognised in the first "
+                f"{state.intervals_without_line} log intervals, so the console shows no channel fields; "
+                "TensorBoard, W&B and the jsonl still get them. megatron_channel reads megatron-core "
+                "0.19's console format: install 0.19.x, or read the channels from TensorBoard or the jsonl",
+            )
 
 
 def _write_scalars(module, scalars: dict[str, float], iteration: int, margs, *, vs_samples=False, loss_keys=()):
@@ -195,12 +246,12 @@ def _write_scalars(module, scalars: dict[str, float], iteration: int, margs, *, 
         for name, value in scalars.items():
             writer.add_scalar(name, value, iteration)
             if vs_samples and name in loss_keys:
-                writer.add_scalar(name + " vs samples", value, margs.consumed_train_samples)
+                writer.add_scalar(name + VS_SAMPLES, value, margs.consumed_train_samples)
     if wandb_writer and scalars:
         wandb_writer.log(dict(scalars), iteration)
 
 
-def wrap_evaluate(original: Callable, logger: ChannelLogger) -> Callable:
+def wrap_evaluate(original: Callable, state: ChannelLoggingState) -> Callable:
     """``evaluate`` whose ``total_loss_dict`` holds exact channel losses (channels with tokens only)."""
     signature = inspect.signature(original)
 
@@ -209,19 +260,19 @@ def wrap_evaluate(original: Callable, logger: ChannelLogger) -> Callable:
         bound = signature.bind(*args, **kwargs)
         captured: list[Tensor] = []
         bound.arguments["forward_step_func"] = capturing_forward_step(
-            bound.arguments["forward_step_func"], logger.config, captured
+            bound.arguments["forward_step_func"], state.config, captured
         )
         result = original(*bound.args, **bound.kwargs)
         total_loss_dict, _, timelimit = result
         if timelimit or total_loss_dict is None or not captured:
             return result
-        totals = reduce_captured(captured, dp_cp_group(bound.arguments["model"]))
-        stats = ChannelStats.from_totals(logger.config.channels, totals.cpu())
-        for i, key in enumerate(logger.config.metric_keys()):
+        totals = all_reduce_totals(captured, dp_cp_group(bound.arguments["model"]))
+        stats = ChannelStats.from_totals(state.config.channels, totals.cpu())
+        for i, key in enumerate(state.config.metric_keys()):
             loss = stats.loss(i)
             if loss is not None:
                 total_loss_dict[key] = torch.tensor(loss, dtype=torch.float64)
-        logger.pending_evals.append(stats)
+        state.pending_evals.append(stats)
         return result
 
     return mark_wrapper(evaluate, original)
@@ -235,7 +286,7 @@ def validation_suffixes(margs, count: int) -> list[str]:
     return [f"-{names[i]}" if names else f"-{i}" for i in range(count)]
 
 
-def wrap_evaluate_and_print_results(original: Callable, logger: ChannelLogger, module) -> Callable:
+def wrap_evaluate_and_print_results(original: Callable, state: ChannelLoggingState, module) -> Callable:
     """``evaluate_and_print_results`` that also shows, writes and records validation tokens."""
     signature = inspect.signature(original)
 
@@ -243,27 +294,34 @@ def wrap_evaluate_and_print_results(original: Callable, logger: ChannelLogger, m
     def evaluate_and_print_results(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        logger.pending_evals.clear()
+        state.pending_evals.clear()
         printed = [0]
 
         def with_tokens(message):
             # The i-th " validation... loss at ..." line belongs to the i-th evaluate call.
-            if isinstance(message, str) and " loss at " in message and printed[0] < len(logger.pending_evals):
-                message += validation_console_fields(logger.pending_evals[printed[0]], logger.config)
+            if is_validation_line(message) and printed[0] < len(state.pending_evals):
+                message += validation_console_fields(state.pending_evals[printed[0]], state.config)
                 printed[0] += 1
             return message
 
         with printing_through(module, with_tokens):
             result = original(*bound.args, **bound.kwargs)
 
-        evals, logger.pending_evals = list(logger.pending_evals), []
+        evals, state.pending_evals = list(state.pending_evals), []
+        if evals and printed[0] == 0:
+            state.warn_once(
+                "validation line",
+                "no Megatron validation line (' validation loss at ... |') was recognised, so the console "
+                "shows no channel token counts for this evaluation; the losses, TensorBoard, W&B and the "
+                "jsonl are unaffected. megatron_channel reads megatron-core 0.19's console format",
+            )
         margs = module.get_args()
         iteration = bound.arguments["iteration"]
         split = "test" if str(bound.arguments["prefix"]).endswith("test set") else "validation"
         for stats, suffix in zip(evals, validation_suffixes(margs, len(evals))):
             if bound.arguments["write_to_tensorboard"]:
-                _write_scalars(module, validation_scalars(stats, logger.config, suffix), iteration, margs)
-            logger.write_record(validation_record(
+                _write_scalars(module, validation_scalars(stats, state.config, suffix), iteration, margs)
+            state.write_record(validation_record(
                 stats, iteration, split=split, set_suffix=suffix,
                 consumed_samples=getattr(margs, "consumed_train_samples", None),
             ))

@@ -16,14 +16,13 @@ The local attention asserts ``packed_seq_params is None``; ``block_causal_mask``
 equivalent block-diagonal causal mask so a packed row can run on a CPU.
 Nothing else of Megatron is replaced.
 
-``summing_like_a_gpu`` makes CPU tensors take the torch summing path of
-``megatron_channel.segments`` that GPU tensors take, so CPU tests and benchmarks check it.
+``byte_tokenizer`` is a file-free chat tokenizer for Megatron's SFT dataset. None of this
+is the package's API; it ships so the tests and benchmarks run from an installed package.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .cpu.cuda_on_cpu import allocate_global_buffers_on_cpu
+from ..cpu.cuda_on_cpu import allocate_global_buffers_on_cpu
 
 
 def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
@@ -88,19 +87,6 @@ def tiny_gpt(vocab_size: int = 64, seq_length: int = 32, **config_kwargs):
         position_embedding_type="learned_absolute",
         parallel_output=True,
     )
-
-
-@contextlib.contextmanager
-def summing_like_a_gpu():
-    """While the block runs, CPU tensors are summed by the torch ops GPU tensors take, not numpy."""
-    from . import segments
-
-    original = segments.summed_on_host
-    segments.summed_on_host = lambda tensor: False
-    try:
-        yield
-    finally:
-        segments.summed_on_host = original
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:

@@ -1,13 +1,17 @@
-"""Data-boundary checks for channel batches, run on CPU tensors before training uses them.
+"""Checks of a channel batch, run on CPU tensors before any collective can hang on it.
 
-These read tensor values on the host, so they belong where the batch is built (the data
-loader side of ``forward_step``), never on GPU tensors in the loss path.
+These read tensor values on the host, so they run where the batch is built (tensor-parallel
+rank 0 of ``forward_step``, before the batch moves to the GPU), never on GPU tensors in the
+loss path. ``check_batch`` is the whole check of one raw microbatch; the others check one
+field each and are also what ``channel_loss_func(validate=True)`` runs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .layout import BOUNDARY_KEYS, BatchLayout
 
 
 class ChannelBatchError(ValueError):
@@ -111,3 +115,91 @@ def check_row_channels(channels: Tensor, rows: int) -> None:
             f"channels has shape {list(channels.shape)} but the batch has {rows} rows; "
             f"give channels shape [{rows}], one id per row"
         )
+
+
+def value_on_cpu(t) -> bool:
+    """Whether ``t``'s values can be read without waiting for a GPU."""
+    return isinstance(t, Tensor) and t.device.type == "cpu"
+
+
+def check_batch(raw, keys: list[str], layout: BatchLayout, num_channels: int, cp_size: int) -> None:
+    """Everything ``forward_step`` needs of one raw microbatch: fields, values, shapes.
+
+    Args:
+        raw: what the data iterator yielded.
+        keys: the fields this pipeline stage reads (``Topology.needed_keys``).
+        layout: the run's batch shapes.
+        num_channels: K; ids must be in ``[-1, K)``.
+        cp_size: context-parallel size (packed boundaries must split into ``2 * cp`` chunks).
+    """
+    check_fields(raw, keys, layout)
+    check_values(raw, keys, layout, num_channels, cp_size)
+    check_shapes(raw, keys, layout)
+
+
+def check_fields(raw, keys: list[str], layout: BatchLayout) -> None:
+    """A dict holding a tensor for every key, packed exactly when the layout says so."""
+    if not isinstance(raw, dict):
+        raise ChannelBatchError(f"the data iterator must yield dicts of tensors, got {type(raw).__name__}")
+    if "channels" not in raw and "channels" in keys:
+        raise ChannelBatchError(
+            "batch has no 'channels' field: give one integer channel id per row (unpacked) or per "
+            "sequence of cu_seqlens (packed), -1 for untracked"
+        )
+    if layout.packed != (raw.get("cu_seqlens") is not None):
+        raise ChannelBatchError(
+            f"batch {'has' if raw.get('cu_seqlens') is not None else 'lacks'} 'cu_seqlens' but the "
+            f"layout says packed={layout.packed}; set BatchLayout(packed=...) (or --sft) to match the data"
+        )
+    for key in keys:
+        if not isinstance(raw.get(key), Tensor):
+            raise ChannelBatchError(f"batch field '{key}' is missing or not a tensor")
+    rows = layout.micro_batch_size
+    for key in ("channels", *BOUNDARY_KEYS):
+        if layout.packed and key in keys and raw[key].numel() % rows:
+            raise ChannelBatchError(
+                f"batch field '{key}' has shape {list(raw[key].shape)}, which does not split into "
+                f"{rows} rows (micro_batch_size); give it shape [{rows}, ...]"
+            )
+
+
+def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: int, cp_size: int) -> None:
+    """Channel ids and ``cu_seqlens`` values, where they are still on the CPU."""
+    rows = layout.micro_batch_size
+    if "channels" in keys and value_on_cpu(raw["channels"]):
+        check_channel_ids(raw["channels"], num_channels)
+        if layout.packed:
+            check_packed_channels(raw["channels"].reshape(rows, -1), raw["cu_seqlens"].reshape(rows, -1))
+        else:
+            check_row_channels(raw["channels"], rows)
+    has_padded = "cu_seqlens_padded" in keys
+    for key in BOUNDARY_KEYS:
+        if key in keys and value_on_cpu(raw[key]):
+            # With cu_seqlens_padded, the CP partition follows it; the real boundaries need only
+            # end at the row's end when rows are merged (micro_batch_size > 1).
+            strict = key == "cu_seqlens_padded" or not has_padded
+            check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size if strict else 1,
+                             exact_end=strict or rows > 1, name=key)
+    if not layout.packed and cp_size > 1 and layout.seq_length % (2 * cp_size):
+        raise ChannelBatchError(
+            f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
+        )
+
+
+def check_shapes(raw: dict, keys: list[str], layout: BatchLayout) -> None:
+    """Every field exactly as ``layout.shapes()`` says: tensor-parallel receivers allocate from it."""
+    shapes = layout.shapes()
+    for key in keys:
+        value, expected = raw[key], shapes[key]
+        if key == "channels" and layout.packed:
+            ok = value.numel() % expected[0] == 0 and value.numel() // expected[0] >= expected[1]
+            wanted = f"[{expected[0]}, >= {expected[1]}]"
+        elif key in BOUNDARY_KEYS:
+            ok, wanted = value.numel() == expected[0] * expected[1], str(list(expected))
+        else:
+            ok, wanted = tuple(value.shape) == expected, str(list(expected))
+        if not ok:
+            raise ChannelBatchError(
+                f"batch field '{key}' has shape {list(value.shape)}, expected {wanted} "
+                "(from micro_batch_size, seq_length and cu_seqlens_length of the BatchLayout)"
+            )

@@ -7,9 +7,10 @@ from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from .config import ChannelConfig
-from .segments import channel_totals, local_boundaries, row_channel_totals, sequence_stats
-from .validate import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
+from ..channel_logging.names import LM_LOSS_KEY
+from ..config import ChannelConfig
+from ..segment_math import channel_totals, local_boundaries, row_channel_totals, sequence_stats
+from .checks import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
 
 
 def packed_boundaries(packed_seq_params: PackedSeqParams) -> Tensor:
@@ -28,7 +29,7 @@ def stock_loss_terms(masked_losses: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     """Megatron-LM pretrain_gpt's ``(loss, num_tokens, {"lm loss": [sum, count]})`` from ``[T]`` terms."""
     loss = torch.sum(masked_losses)
     num_tokens = mask.sum().clone().detach().to(torch.int)
-    return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    return loss, num_tokens, {LM_LOSS_KEY: torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
 def stock_loss_func(loss_mask: Tensor, output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -28,7 +28,7 @@ import torch
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
-from .datasets import INHERIT_CHANNEL, ChannelIdFn, check_channel_value
+from .tagged import INHERIT_CHANNEL, ChannelIdFn, check_channel_value
 
 IGNORE_INDEX = -100  # target value of prompt tokens (Megatron's SFT convention)
 NO_NAME = -1  # name code of a conversation whose line names no channel

@@ -3,7 +3,7 @@
 Megatron 0.19 tokenizes SFT conversations with ``SFTTokenizer`` (a Hugging Face tokenizer
 plus a chat template, wrapped by ``MegatronTokenizerText``), which needs a downloaded
 model. ``ByteChatTokenizer`` offers the same calls without any file: tests and the CPU
-demo use it with both Megatron's ``SFTDataset`` and ``megatron_channel.sft``.
+demo use it with both Megatron's ``SFTDataset`` and ``megatron_channel.data.sft``.
 
 Encoding of one message: ``[<role>] + utf-8 bytes of content + [<end>]``. Targets follow
 ``SFTTokenizer``'s masking: system/user/tool turns are ``IGNORE_INDEX`` entirely; in an
@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100  # Megatron's SFT convention for "no loss on this target"
+from ..data.sft import IGNORE_INDEX
 
 NUM_BYTES = 256
 PAD_ID = 256

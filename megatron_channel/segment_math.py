@@ -3,11 +3,12 @@
 Every function here takes tensors and returns tensors of shapes that depend only on
 input shapes, never on values. On a GPU none of them reads a value on the host, so none
 makes the host wait for the GPU; on CPU tensors ``sequence_stats`` and ``channel_totals``
-sum with numpy (``summed_on_host``), where reading values makes nothing wait.
+sum with numpy (``sums_with_numpy``), where reading values makes nothing wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -33,7 +34,11 @@ def local_boundaries(cu_seqlens: Tensor, cp_size: int) -> Tensor:
     return cu_seqlens if cp_size == 1 else torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
-def summed_on_host(tensor: Tensor) -> bool:
+# Set only by ``summing_like_a_gpu``: whether CPU tensors are summed with numpy.
+_numpy_sums_on_cpu = True
+
+
+def sums_with_numpy(tensor: Tensor) -> bool:
     """Whether ``sequence_stats`` and ``channel_totals`` sum ``tensor`` with numpy.
 
     True for CPU tensors: there a scan is a serial loop of about 1 ns per token and every
@@ -41,14 +46,26 @@ def summed_on_host(tensor: Tensor) -> bool:
     cheap call, and reading CPU values makes nothing wait. Elsewhere (GPU) the torch
     versions run: no value is read on the host.
     """
-    return tensor.is_cpu
+    return _numpy_sums_on_cpu and tensor.is_cpu
+
+
+@contextlib.contextmanager
+def summing_like_a_gpu():
+    """While the block runs, CPU tensors take the torch path GPU tensors take, so CPU tests
+    and benchmarks check and time it."""
+    global _numpy_sums_on_cpu
+    previous, _numpy_sums_on_cpu = _numpy_sums_on_cpu, False
+    try:
+        yield
+    finally:
+        _numpy_sums_on_cpu = previous
 
 
 def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
     """``[loss_sum, token_count]`` of each packed sequence ``[boundaries[i], boundaries[i+1])``.
 
     One pass over the tokens whatever the number of sequences: ``sequence_stats_reduceat``
-    where ``summed_on_host``, else ``sequence_stats_prefix``.
+    where ``sums_with_numpy``, else ``sequence_stats_prefix``.
 
     Args:
         masked_losses: ``[T]`` float32 per-token loss times loss mask.
@@ -60,7 +77,7 @@ def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor)
     Returns:
         ``[2, N]`` float64 on the tokens' device: row 0 loss sums, row 1 token counts.
     """
-    if summed_on_host(masked_losses):
+    if sums_with_numpy(masked_losses):
         return sequence_stats_reduceat(masked_losses, loss_mask, boundaries)
     return sequence_stats_prefix(masked_losses, loss_mask, boundaries)
 
@@ -157,7 +174,7 @@ def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels
     # -1 (untracked) lands in an extra bin K that is dropped, so no data-dependent
     # filtering (a host sync) is needed; valid ids 0..K-1 are unchanged.
     bins = num_channels + 1
-    if summed_on_host(segment_stats):
+    if sums_with_numpy(segment_stats):
         stats, ids = segment_stats.numpy(), segment_channels.numpy() % bins
         totals = np.empty((bins, 2), dtype=np.float32)
         totals[:, 0] = np.bincount(ids, stats[0], bins)

@@ -1,0 +1,147 @@
+"""From the data iterator to the tensors one rank's model chunk needs.
+
+Order: read on tensor-parallel rank 0 and check values there on the CPU, move to the
+model's device, broadcast to the TP group (``channels`` included, which Megatron's own
+broadcast drops), merge packed rows into one THD stream, cut for context parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from ..segment_math import merge_packed_rows, thd_partition_index
+from .checks import ChannelBatchError, check_batch
+from .layout import BOUNDARY_KEYS, DTYPES, SEQUENCE_KEYS, BatchLayout, Topology
+
+
+@dataclass
+class ModelInputs:
+    """What one forward pass and its loss need, already cut for this rank.
+
+    Sequence tensors are ``[b, s_local]`` unpacked or ``[1, b * s / cp]`` packed;
+    ``channels`` is ``[b]`` unpacked or ``[b * sequences_per_row]`` packed. Fields this
+    pipeline stage does not need are None.
+    """
+
+    tokens: Tensor | None = None
+    position_ids: Tensor | None = None
+    attention_mask: Tensor | None = None
+    labels: Tensor | None = None
+    loss_mask: Tensor | None = None
+    channels: Tensor | None = None
+    packed_seq_params: PackedSeqParams | None = None
+
+
+def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | None, topo: Topology,
+                     device: torch.device, validate: bool = True) -> ModelInputs:
+    """Read, check, broadcast, merge and cut one microbatch for this rank's model chunk.
+
+    Args:
+        data_iterator: yields dicts of CPU tensors (the batch contract of ``make_forward_step``).
+        num_channels: K, for the id check.
+        layout: fixed shapes; None reads them off the batch (no tensor parallelism).
+        topo: this rank's place (``Topology.current``).
+        device: the model's device.
+        validate: check values on TP rank 0 while they are on the CPU.
+    """
+    if not stage_reads_batch(layout, topo, data_iterator):
+        return ModelInputs()
+    if topo.is_tp_src:
+        batch, layout = read_batch(data_iterator, num_channels, layout, topo, device, validate)
+    else:
+        batch = None
+    if topo.tp_size > 1:
+        batch = broadcast_batch(batch, topo.needed_keys(layout), layout, topo, device)
+    if layout.packed:
+        return packed_inputs(batch, layout, topo)
+    if topo.cp_size > 1:
+        batch.update(get_batch_on_this_cp_rank(
+            {k: v for k, v in batch.items() if k != "channels"}, is_hybrid_cp=False, cp_group=topo.cp_group
+        ))
+    return ModelInputs(**batch)
+
+
+def stage_reads_batch(layout: BatchLayout | None, topo: Topology, data_iterator) -> bool:
+    """First and last pipeline stages read the batch; a middle one only for packed rows' ``cu_seqlens``."""
+    if topo.first_stage or topo.last_stage:
+        return True
+    # The data iterator of a middle stage exists when the datasets are built there.
+    return layout.packed if layout is not None else data_iterator is not None
+
+
+def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, topo: Topology,
+               device: torch.device, validate: bool) -> tuple[dict[str, Tensor], BatchLayout]:
+    """On TP rank 0: the next raw microbatch, checked on the CPU, in the contract's dtypes on ``device``."""
+    if data_iterator is None:
+        middle = not (topo.first_stage or topo.last_stage)
+        raise ChannelBatchError(
+            "this pipeline stage has no data iterator but needs the batch"
+            + (" (packed rows: every stage needs cu_seqlens)" if middle else "")
+            + "; build the datasets on tensor-parallel rank 0 of this stage too"
+        )
+    raw = next(data_iterator)
+    if layout is None:
+        if not isinstance(raw, dict):
+            raise ChannelBatchError(f"the data iterator must yield dicts of tensors, got {type(raw).__name__}")
+        layout = BatchLayout.of_batch(raw)
+    keys = topo.needed_keys(layout)
+    if validate:
+        check_batch(raw, keys, layout, num_channels, topo.cp_size)
+    return {key: to_contract(key, raw[key], layout, device) for key in keys}, layout
+
+
+def to_contract(key: str, value: Tensor, layout: BatchLayout, device: torch.device) -> Tensor:
+    """``value`` in the dtype and shape of ``layout.shapes()[key]``, on ``device``."""
+    if key == "channels" and layout.packed:
+        value = value.reshape(layout.micro_batch_size, -1)[:, : layout.sequences_per_row]
+    elif key in BOUNDARY_KEYS:
+        value = value.reshape(layout.micro_batch_size, -1)
+    return value.to(device=device, dtype=DTYPES[key], non_blocking=True).contiguous()
+
+
+def broadcast_batch(batch: dict | None, keys: list[str], layout: BatchLayout, topo: Topology,
+                    device: torch.device) -> dict[str, Tensor]:
+    """Send ``keys`` from TP rank 0 to its TP group; receivers allocate from ``layout``."""
+    shapes = layout.shapes()
+    out = {}
+    for key in keys:
+        if topo.is_tp_src:
+            tensor = batch[key]
+        else:
+            tensor = torch.empty(shapes[key], dtype=DTYPES[key], device=device)
+        torch.distributed.broadcast(tensor, topo.tp_src_rank, group=topo.tp_group)
+        out[key] = tensor
+    return out
+
+
+def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology) -> ModelInputs:
+    """``[b, s]`` THD rows -> one ``[1, b * s]`` stream (cut for CP) and its ``PackedSeqParams``."""
+    rows = {key: value.reshape(1, -1) for key, value in batch.items() if key in SEQUENCE_KEYS}
+    cu = merge_packed_rows(batch["cu_seqlens"], layout.seq_length)
+    cu_padded = batch.get("cu_seqlens_padded")
+    if cu_padded is not None:
+        cu_padded = merge_packed_rows(cu_padded, layout.seq_length)
+    if topo.cp_size > 1:
+        index = thd_partition_index(cu if cu_padded is None else cu_padded,
+                                    layout.micro_batch_size * layout.seq_length, topo.cp_size, topo.cp_rank)
+        rows = {key: value.index_select(1, index) for key, value in rows.items()}
+    # The row length bounds every sequence; reading the true maximum would cost a host sync.
+    packed_seq_params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=layout.seq_length,
+        max_seqlen_kv=layout.seq_length,
+    )
+    channels = batch.get("channels")
+    return ModelInputs(**rows, attention_mask=batch.get("attention_mask"),
+                       channels=None if channels is None else channels.reshape(-1),
+                       packed_seq_params=packed_seq_params)

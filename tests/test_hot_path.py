@@ -112,6 +112,35 @@ def test_forward_step_batch_path_has_no_host_sync(cp_size):
     assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 16, 24, 28, 32]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_other_batch_forms_add_no_host_sync(packed):
+    """Megatron-Bridge / HF forms: ``input_ids``, no ``position_ids`` (built, restarting per packed
+    sequence), ``cu_seqlens_q`` with legacy -1 padding and ``cu_seqlens_argmin``, a ``max_seqlen``
+    tensor, a ``[1, 1, s, s]`` mask, one row of 1-D tensors: rewritten without reading a value."""
+    from megatron_channel.step.layout import Topology
+    from megatron_channel.step.model_inputs import get_model_inputs
+
+    s = 16
+    tokens = torch.arange(s)
+    if packed:
+        batch = dict(input_ids=tokens, labels=tokens, loss_mask=torch.ones(s),
+                     cu_seqlens_q=torch.tensor([0, 4, 12, 16, -1, -1], dtype=torch.int32),
+                     cu_seqlens_argmin=torch.tensor([4]), max_seqlen=torch.tensor(8),
+                     channels=torch.tensor([0, 1, 1, -1, -1]))
+    else:
+        batch = dict(input_ids=tokens[None].expand(2, s), labels=tokens[None].expand(2, s),
+                     loss_mask=torch.ones(2, s), attention_mask=torch.ones(1, 1, s, s, dtype=torch.bool).triu(1),
+                     channels=torch.tensor([0, 1]))
+    with forbid_host_sync():
+        inputs = get_model_inputs(iter([batch]), 2, None, Topology(), torch.device("cpu"), validate=False)
+    if packed:
+        assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 12, 16, 16, 16]
+        assert inputs.position_ids.tolist() == [[*range(4), *range(8), *range(4)]]
+        assert inputs.packed_seq_params.max_seqlen_q == s  # a tensor max_seqlen is not read here
+    else:
+        assert inputs.attention_mask.shape == (1, 1, s, s) and inputs.position_ids.tolist() == [list(range(s))] * 2
+
+
 def test_the_host_summing_path_is_what_the_guard_would_catch():
     """Without ``gpu_summing`` CPU tensors go through numpy: the guard sees it, so the tests
     above really check the torch path."""

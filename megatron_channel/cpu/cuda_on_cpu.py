@@ -10,7 +10,7 @@ below says which Megatron code needs it.
 Installed by ``scripts/pretrain_gpt_channel.py --cpu`` (and the tests that run it), never
 on a machine that trains on GPUs. Pair it with Megatron's own flags
 ``--distributed-backend gloo --transformer-impl local`` (``--cpu`` sets them, and the launch
-turns off the Apex-only defaults) and, for packed rows or CP, ``megatron_channel.cpu.attention``.
+turns off the Apex-only defaults) and, for packed rows or CP, ``megatron_channel.cpu.core_attention``.
 """
 
 from __future__ import annotations

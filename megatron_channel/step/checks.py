@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import BOUNDARY_KEYS, BatchLayout
+from .layout import BOUNDARY_KEYS, BatchLayout, broadcasts_to
 
 
 class ChannelBatchError(ValueError):
@@ -138,9 +138,7 @@ def check_batch(raw, keys: list[str], layout: BatchLayout, num_channels: int, cp
 
 
 def check_fields(raw, keys: list[str], layout: BatchLayout) -> None:
-    """A dict holding a tensor for every key, packed exactly when the layout says so."""
-    if not isinstance(raw, dict):
-        raise ChannelBatchError(f"the data iterator must yield dicts of tensors, got {type(raw).__name__}")
+    """A tensor for every key, packed exactly when the layout says so (``raw``: the canonical dict)."""
     if "channels" not in raw and "channels" in keys:
         raise ChannelBatchError(
             "batch has no 'channels' field: give one integer channel id per row (unpacked) or per "
@@ -154,6 +152,12 @@ def check_fields(raw, keys: list[str], layout: BatchLayout) -> None:
     for key in keys:
         if not isinstance(raw.get(key), Tensor):
             raise ChannelBatchError(f"batch field '{key}' is missing or not a tensor")
+    if "attention_mask" in raw and not layout.attention_mask:
+        raise ChannelBatchError(
+            "batch carries 'attention_mask' but the layout has none, so it would be dropped; give "
+            "BatchLayout(attention_mask=True or its shape) (--create-attention-mask-in-dataloader), or leave "
+            "the mask out of the batch for causal attention"
+        )
     rows = layout.micro_batch_size
     for key in ("channels", *BOUNDARY_KEYS):
         if layout.packed and key in keys and raw[key].numel() % rows:
@@ -161,6 +165,22 @@ def check_fields(raw, keys: list[str], layout: BatchLayout) -> None:
                 f"batch field '{key}' has shape {list(raw[key].shape)}, which does not split into "
                 f"{rows} rows (micro_batch_size); give it shape [{rows}, ...]"
             )
+
+
+def check_attention_mask(mask: Tensor, layout: BatchLayout) -> None:
+    """Megatron's mask: bool (True = masked), broadcasting to ``[b, 1, s, s]``."""
+    b, s = layout.micro_batch_size, layout.seq_length
+    if mask.dtype != torch.bool:
+        raise ChannelBatchError(
+            f"batch field 'attention_mask' has dtype {mask.dtype}; Megatron's mask is bool with True = masked "
+            "(get_ltor_masks_and_position_ids). A Hugging Face padding mask (1 = attend) is not one: leave it "
+            "out for causal attention, or pass ~mask.bool()[:, None, None, :]"
+        )
+    if not broadcasts_to(tuple(mask.shape), (b, 1, s, s)):
+        raise ChannelBatchError(
+            f"batch field 'attention_mask' has shape {list(mask.shape)}, which does not broadcast to "
+            f"[b, 1, s, s] = {[b, 1, s, s]}; give [b, 1, s, s], [1, 1, s, s], or no mask (causal)"
+        )
 
 
 def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: int, cp_size: int) -> None:
@@ -184,13 +204,23 @@ def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: 
         raise ChannelBatchError(
             f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
         )
+    mask = raw.get("attention_mask")
+    if not layout.packed and cp_size > 1 and "attention_mask" in keys and mask.shape[-2] != layout.seq_length:
+        raise ChannelBatchError(
+            f"batch field 'attention_mask' has shape {list(mask.shape)}; context parallelism cuts the mask's "
+            f"query dimension (-2), so it must be the full {layout.seq_length}: give [b or 1, 1, s, s]"
+        )
 
 
 def check_shapes(raw: dict, keys: list[str], layout: BatchLayout) -> None:
     """Every field exactly as ``layout.shapes()`` says: tensor-parallel receivers allocate from it."""
     shapes = layout.shapes()
+    if "attention_mask" in keys:
+        keys = [k for k in keys if k != "attention_mask"] + ["attention_mask"]
     for key in keys:
         value, expected = raw[key], shapes[key]
+        if key == "attention_mask":
+            check_attention_mask(value, layout)
         if key == "channels" and layout.packed:
             ok = value.numel() % expected[0] == 0 and value.numel() // expected[0] >= expected[1]
             wanted = f"[{expected[0]}, >= {expected[1]}]"
@@ -199,7 +229,21 @@ def check_shapes(raw: dict, keys: list[str], layout: BatchLayout) -> None:
         else:
             ok, wanted = tuple(value.shape) == expected, str(list(expected))
         if not ok:
+            fix = ("; under tensor parallelism give the mask's shape as BatchLayout(attention_mask=shape)"
+                   if key == "attention_mask" else "")
             raise ChannelBatchError(
                 f"batch field '{key}' has shape {list(value.shape)}, expected {wanted} "
-                "(from micro_batch_size, seq_length and cu_seqlens_length of the BatchLayout)"
+                f"(from micro_batch_size, seq_length and cu_seqlens_length of the BatchLayout){fix}"
             )
+
+
+def check_max_seqlen(max_seqlen: int, cu_seqlens: Tensor, layout: BatchLayout) -> None:
+    """A ``max_seqlen`` the batch gives must bound every packed sequence (checked on the CPU)."""
+    if not value_on_cpu(cu_seqlens):
+        return
+    longest = int(cu_seqlens.reshape(layout.micro_batch_size, -1).long().diff(dim=1).max())
+    if max_seqlen < longest or max_seqlen < 1:
+        raise ChannelBatchError(
+            f"batch field 'max_seqlen' = {max_seqlen}, but the longest packed sequence has {longest} tokens; "
+            "give the longest sequence's length, or leave max_seqlen out (the row length bounds it)"
+        )

@@ -30,9 +30,12 @@ def make_forward_step(
     """Build ``forward_step(data_iterator, model)`` for ``megatron.training.pretrain``.
 
     The data iterator yields dicts with ``tokens``, ``labels``, ``loss_mask``,
-    ``position_ids`` (all ``[b, s]``), optionally ``attention_mask`` ``[b, 1, s, s]``,
-    ``cu_seqlens`` / ``cu_seqlens_padded`` ``[b, L]`` for packed rows, and ``channels``:
-    ``[b]`` (one id per row) or ``[b, >= L - 1]`` (one id per packed sequence), -1 = untracked.
+    ``position_ids`` (all ``[b, s]``), optionally a bool ``attention_mask`` broadcasting to
+    ``[b, 1, s, s]``, ``cu_seqlens`` / ``cu_seqlens_padded`` ``[b, L]`` for packed rows, and
+    ``channels``: ``[b]`` (one id per row) or ``[b, >= L - 1]`` (one id per packed sequence),
+    -1 = untracked. The forms of Megatron's helpers, HF collators and Megatron-Bridge
+    (``input_ids``, no ``position_ids``, 1-D rows, ``cu_seqlens_q``, -1 padding) are
+    rewritten into this one first (``batch_forms``).
 
     Args:
         config: channel names and metric prefix.

@@ -28,6 +28,14 @@ DTYPES = {
 }
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (without growing ``target``)."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def rows_are_packed(args) -> bool:
     """Whether Megatron's ``args`` put several documents in a row, attended through ``cu_seqlens``.
 
@@ -48,8 +56,10 @@ class BatchLayout:
         cu_seqlens_length: ``cu_seqlens`` entries per row; default ``seq_length + 1``, the
             fixed length Megatron's SFT dataset pads to.
         cu_seqlens_padded: the batch also carries ``cu_seqlens_padded``.
-        attention_mask: the batch carries ``attention_mask`` ``[b, 1, s, s]``
-            (``--create-attention-mask-in-dataloader``).
+        attention_mask: the batch carries a bool ``attention_mask``: ``True`` for
+            ``[b, 1, s, s]`` (``--create-attention-mask-in-dataloader``), or its exact shape, any
+            that broadcasts to ``[b, 1, s, s]`` (``(1, 1, s, s)`` from Megatron's
+            ``get_ltor_masks_and_position_ids``). ``False``: no mask (causal attention).
     """
 
     micro_batch_size: int
@@ -57,7 +67,18 @@ class BatchLayout:
     packed: bool = False
     cu_seqlens_length: int | None = None
     cu_seqlens_padded: bool = False
-    attention_mask: bool = False
+    attention_mask: bool | tuple[int, ...] = False
+
+    def __post_init__(self):
+        if not isinstance(self.attention_mask, bool):
+            shape = tuple(self.attention_mask)
+            full = (self.micro_batch_size, 1, self.seq_length, self.seq_length)
+            if not broadcasts_to(shape, full):
+                raise ValueError(
+                    f"BatchLayout(attention_mask={shape}) does not broadcast to [b, 1, s, s] = {list(full)}; "
+                    "give True for [b, 1, s, s], the shape of the mask the data carries, or False for none"
+                )
+            object.__setattr__(self, "attention_mask", shape)
 
     @classmethod
     def from_megatron_args(cls, args=None, training: bool = True) -> "BatchLayout":
@@ -89,14 +110,22 @@ class BatchLayout:
         tokens = raw.get("tokens", raw.get("labels"))
         if tokens is None:
             raise ChannelBatchError("batch has neither 'tokens' nor 'labels'")
+        if tokens.dim() != 2:
+            raise ChannelBatchError(
+                f"batch field '{'tokens' if 'tokens' in raw else 'labels'}' has shape {list(tokens.shape)}; "
+                "give [b, s] rows, or one row as [s]"
+            )
         cu = raw.get("cu_seqlens")
+        mask = raw.get("attention_mask")
+        mask_shape = tuple(mask.shape) if hasattr(mask, "shape") else False
         return cls(
             micro_batch_size=tokens.shape[0],
             seq_length=tokens.shape[1],
             packed=cu is not None,
             cu_seqlens_length=None if cu is None else cu.shape[-1],
             cu_seqlens_padded=raw.get("cu_seqlens_padded") is not None,
-            attention_mask=raw.get("attention_mask") is not None,
+            attention_mask=mask_shape if mask_shape and broadcasts_to(mask_shape, (
+                tokens.shape[0], 1, tokens.shape[1], tokens.shape[1])) else bool(mask_shape),
         )
 
     @property
@@ -107,8 +136,10 @@ class BatchLayout:
         """Every field's shape as TP receivers allocate it."""
         b, s = self.micro_batch_size, self.seq_length
         shapes = {key: (b, s) for key in SEQUENCE_KEYS}
-        if self.attention_mask:
+        if self.attention_mask is True:
             shapes["attention_mask"] = (b, 1, s, s)
+        elif self.attention_mask:
+            shapes["attention_mask"] = self.attention_mask
         if self.packed:
             shapes["cu_seqlens"] = (b, self.sequences_per_row + 1)
             if self.cu_seqlens_padded:

@@ -16,7 +16,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from ..segment_math import merge_packed_rows, thd_partition_index
-from .checks import ChannelBatchError, check_batch
+from .batch_forms import canonical_batch
+from .checks import ChannelBatchError, check_batch, check_max_seqlen
 from .layout import BOUNDARY_KEYS, DTYPES, SEQUENCE_KEYS, BatchLayout, Topology
 
 
@@ -60,6 +61,7 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
         batch = broadcast_batch(batch, topo.needed_keys(layout), layout, topo, device)
     if layout.packed:
         return packed_inputs(batch, layout, topo)
+    batch.pop("max_seqlen", None)
     if topo.cp_size > 1:
         batch.update(get_batch_on_this_cp_rank(
             {k: v for k, v in batch.items() if k != "channels"}, is_hybrid_cp=False, cp_group=topo.cp_group
@@ -85,15 +87,19 @@ def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, top
             + (" (packed rows: every stage needs cu_seqlens)" if middle else "")
             + "; build the datasets on tensor-parallel rank 0 of this stage too"
         )
-    raw = next(data_iterator)
+    raw, max_seqlen = canonical_batch(next(data_iterator), validate)
     if layout is None:
-        if not isinstance(raw, dict):
-            raise ChannelBatchError(f"the data iterator must yield dicts of tensors, got {type(raw).__name__}")
         layout = BatchLayout.of_batch(raw)
     keys = topo.needed_keys(layout)
     if validate:
         check_batch(raw, keys, layout, num_channels, topo.cp_size)
-    return {key: to_contract(key, raw[key], layout, device) for key in keys}, layout
+        if max_seqlen is not None and layout.packed:
+            check_max_seqlen(max_seqlen, raw.get("cu_seqlens_padded", raw["cu_seqlens"]), layout)
+    batch = {key: to_contract(key, raw[key], layout, device) for key in keys}
+    if max_seqlen is not None and topo.tp_size == 1:
+        # TP receivers cannot know it without another collective; they use the row length.
+        batch["max_seqlen"] = min(max_seqlen, layout.seq_length)
+    return batch, layout
 
 
 def to_contract(key: str, value: Tensor, layout: BatchLayout, device: torch.device) -> Tensor:
@@ -131,15 +137,17 @@ def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology)
         index = thd_partition_index(cu if cu_padded is None else cu_padded,
                                     layout.micro_batch_size * layout.seq_length, topo.cp_size, topo.cp_rank)
         rows = {key: value.index_select(1, index) for key, value in rows.items()}
-    # The row length bounds every sequence; reading the true maximum would cost a host sync.
+    # Without a host max_seqlen from the batch, the row length bounds every sequence;
+    # reading the true maximum off the boundaries would cost a host sync.
+    max_seqlen = batch.get("max_seqlen", layout.seq_length)
     packed_seq_params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
         cu_seqlens_q_padded=cu_padded,
         cu_seqlens_kv_padded=cu_padded,
-        max_seqlen_q=layout.seq_length,
-        max_seqlen_kv=layout.seq_length,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
     )
     channels = batch.get("channels")
     return ModelInputs(**rows, attention_mask=batch.get("attention_mask"),

@@ -1,9 +1,16 @@
 """Channel-loss settings from Megatron's command line, a channel YAML, or Megatron's --yaml-cfg.
 
-Five settings; each has a flag, and a YAML key equal to the flag's argparse ``dest``:
+Eight settings; each has a flag, and a YAML key equal to the flag's argparse ``dest``:
 
 * ``--channels NAME ...`` / ``channels``: ordered channel names; id = position.
-* ``--channel-loss-prefix`` / ``channel_loss_prefix``: metric key prefix (``loss_``).
+* ``--channel-loss-name`` / ``channel_loss_name``: template of the loss keys
+  (``loss_{channel}``), e.g. ``{channel}_loss`` to match existing dashboards.
+* ``--channel-loss-prefix`` / ``channel_loss_prefix``: the same as a prefix (``loss_`` is
+  ``loss_{channel}``); give one of the two.
+* ``--channel-token-accuracy`` / ``channel_token_accuracy`` (``true``): also log per-channel
+  and all-token accuracy (the share of loss tokens whose label is an argmax of the logits).
+* ``--channel-accuracy-name`` / ``channel_accuracy_name``: template of the accuracy keys
+  (``token_acc_{channel}``).
 * ``--channel-field`` / ``channel_field``: the sample field with the channel name (``channel``).
 * ``--channels-from-blend [NAME ...]`` / ``channels_from_blend`` (``true`` or a list of
   names): one channel per blend component (off by default).
@@ -44,15 +51,17 @@ from typing import Any, Literal
 
 import yaml
 
-from .config import ChannelConfig, check_prefix
+from .config import DEFAULT_ACCURACY_NAME, DEFAULT_PREFIX, ChannelConfig, check_name_template, check_prefix
 
 UNTRACKED_POLICIES = ("error", "other", "ignore")
 OTHER_CHANNEL = "other"
-SETTING_KEYS = ("channels", "channel_loss_prefix", "channel_field", "channels_from_blend", "untracked_channels")
+SETTING_KEYS = ("channels", "channel_loss_prefix", "channel_loss_name", "channel_token_accuracy",
+                "channel_accuracy_name", "channel_field", "channels_from_blend", "untracked_channels")
 CONFIG_FILE_KEY = "channel_config"
 YAML_SECTION = "channel_loss"
 COMMAND_LINE = "command line"
-DEFAULTS = {"channel_loss_prefix": "loss_", "channel_field": "channel", "untracked_channels": "error"}
+DEFAULTS = {"channel_loss_prefix": DEFAULT_PREFIX, "channel_accuracy_name": DEFAULT_ACCURACY_NAME,
+            "channel_field": "channel", "untracked_channels": "error"}
 # Suffixes of whole-file datasets (jsonl for SFT, Megatron's .bin/.idx pair). Only these are
 # stripped: an indexed-dataset prefix such as "web.v2_text_document" keeps its dots.
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".bin", ".idx")
@@ -96,7 +105,10 @@ class ChannelSettings:
 
     Attributes:
         names: the user's channel names, ids 0..len-1 (``other`` is not among them).
-        prefix: metric key prefix.
+        prefix: metric key prefix (``loss_name`` says it as a template; give one of the two).
+        loss_name: template of the loss keys, e.g. ``"{channel}_loss"``; None: ``prefix + "{channel}"``.
+        token_accuracy: also log per-channel and all-token accuracy.
+        accuracy_name: template of the accuracy keys.
         field: the sample field that holds a sample's channel name.
         from_blend: ``None`` (channels come from ``field``), ``True`` (one channel per blend
             component, named after its path) or the component names in blend order.
@@ -105,6 +117,9 @@ class ChannelSettings:
 
     names: tuple[str, ...]
     prefix: str = DEFAULTS["channel_loss_prefix"]
+    loss_name: str | None = None
+    token_accuracy: bool = False
+    accuracy_name: str = DEFAULTS["channel_accuracy_name"]
     field: str = DEFAULTS["channel_field"]
     from_blend: FromBlend = None
     untracked: str = DEFAULTS["untracked_channels"]
@@ -117,6 +132,17 @@ class ChannelSettings:
         if not isinstance(self.field, str) or not self.field:
             raise ValueError(f"{flag_of('channel_field')} = {self.field!r}; give a non-empty field name")
         check_prefix(self.prefix, flag_of("channel_loss_prefix"))
+        if self.loss_name is not None:
+            if self.prefix != DEFAULT_PREFIX:
+                raise ValueError(
+                    f"{flag_of('channel_loss_prefix')} and {flag_of('channel_loss_name')} both name the loss keys; "
+                    f"give one (--channel-loss-name '{self.prefix}{{channel}}' is that prefix)"
+                )
+            check_name_template(self.loss_name, flag_of("channel_loss_name"))
+        if not isinstance(self.token_accuracy, bool):
+            raise ValueError(f"{flag_of('channel_token_accuracy')} = {self.token_accuracy!r}; give true or false")
+        if self.token_accuracy:
+            check_name_template(self.accuracy_name, flag_of("channel_accuracy_name"))
         if self.from_blend is not None and self.from_blend is not True:
             object.__setattr__(self, "from_blend", _check_names(self.from_blend, flag_of("channels_from_blend"),
                                                                 unique=False))
@@ -126,7 +152,11 @@ class ChannelSettings:
                 f"{flag_of('untracked_channels')} other adds; rename it, or use untracked 'error' or 'ignore'"
             )
         extra = (OTHER_CHANNEL,) if self.untracked == "other" else ()
-        config = ChannelConfig(names + extra, prefix=self.prefix)
+        try:
+            config = ChannelConfig(names + extra, prefix=self.prefix, token_accuracy=self.token_accuracy,
+                                   loss_name=self.loss_name, accuracy_name=self.accuracy_name)
+        except ValueError as e:  # names that clash: say which flags make them
+            raise ValueError(f"{e} ({flag_of('channel_loss_name')}, {flag_of('channel_accuracy_name')})") from e
         object.__setattr__(self, "_config", config)
         if isinstance(self.from_blend, tuple):
             for name in self.from_blend:
@@ -224,6 +254,13 @@ class _StoreOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _StoreTrueOnce(_StoreOnce):
+    """A bare flag that stores True, refused when given twice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
+
+
 def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the "channel loss" argument group to Megatron's parser; returns the parser."""
     group = parser.add_argument_group(title="channel loss")
@@ -231,6 +268,13 @@ def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="Ordered channel names, each with its own loss curve; id = position.")
     group.add_argument("--channel-loss-prefix", default=None, action=_StoreOnce,
                        help="Metric key prefix (default loss_): channel math logs as loss_math.")
+    group.add_argument("--channel-loss-name", metavar="TEMPLATE", default=None, action=_StoreOnce,
+                       help="Loss key template instead of the prefix, e.g. '{channel}_loss' (default loss_{channel}).")
+    group.add_argument("--channel-token-accuracy", nargs=0, default=None, action=_StoreTrueOnce,
+                       help="Also log each channel's token accuracy (label is an argmax of the logits, ties "
+                            "count) and the all-token 'token acc'.")
+    group.add_argument("--channel-accuracy-name", metavar="TEMPLATE", default=None, action=_StoreOnce,
+                       help="Accuracy key template (default token_acc_{channel}), e.g. '{channel}_token_acc'.")
     group.add_argument("--channel-field", default=None, action=_StoreOnce,
                        help="Sample field holding the sample's channel name (default channel).")
     group.add_argument("--channels-from-blend", nargs="*", metavar="NAME", default=None, action=_StoreOnce,
@@ -279,6 +323,9 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
     settings = ChannelSettings(
         names=channels,
         prefix=raw.get("channel_loss_prefix", DEFAULTS["channel_loss_prefix"]),
+        loss_name=raw.get("channel_loss_name"),
+        token_accuracy=raw.get("channel_token_accuracy", False),
+        accuracy_name=raw.get("channel_accuracy_name", DEFAULTS["channel_accuracy_name"]),
         field=raw.get("channel_field", DEFAULTS["channel_field"]),
         from_blend=from_blend,
         untracked=untracked,

@@ -4,12 +4,21 @@
 Variants, each on the same per-token losses of one packed (THD) microbatch:
   stock      Megatron's pretrain_gpt loss_func (no channels)
   ours       channel_loss_func (validate=False: the checks run where the batch is built)
+  ours+acc   ours with token accuracy (ChannelConfig(token_accuracy=True)): the same sums once
+             more over the correct-token flags, plus the all-token count
   loop       per-sequence Python loop: slice each sequence, mask, sum, add to its channel
-             (what peers did before vectorizing)
-  ours+sync  ours plus the key sync a peer does on every microbatch (all_gather_object of
-             the key list and an all_reduce of the values), over a 1-rank gloo group here
+             (what peers did before vectorizing, ms-swift's method before mid-2026)
+  ms-swift   ms-swift's current method, written from its description: per-token channel ids,
+             one index_add_ of the masked losses and one of the mask into per-channel bins,
+             then on every microbatch an all_gather_object of the key lists and an all_reduce
+             of the values (over a 1-rank gloo group here: the collectives' fixed cost only)
   prefix     on the CPU only: ours through the torch path GPU tensors take (prefix scans),
              to show why CPU tensors are summed with numpy instead
+
+The accuracy's other half runs in the model's loss step (``output_processor``): one read of
+the logits for the max and the label's logit. Timed against Megatron's cross entropy over
+the same logits (T tokens x V vocabulary), and, over two gloo ranks, its one extra TP
+all-reduce (MAX of [2, T] float32) against the three that the cross entropy makes itself.
 
 Grid: tokens per microbatch T, sequences per row, channels K. CPU always (1 thread, timed
 with perf_counter); CUDA when available (CUDA events). Median of many runs after warm-up.
@@ -27,6 +36,7 @@ to put the accounting cost in proportion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -62,13 +72,23 @@ def loop_loss_func(loss_mask, output_tensor, cu_seqlens, channels, config):
     return loss, num_tokens, metrics
 
 
-def key_sync(metrics):
-    """A peer's per-microbatch key agreement: gather every rank's keys, all-reduce the values."""
+def swift_loss_func(loss_mask, output_tensor, cu_seqlens, channels, config):
+    """ms-swift's per-channel loss as it describes it: per-token channel ids, one ``index_add_``
+    per microbatch, then the key agreement (all_gather_object of the key lists) and an
+    all_reduce of the values on every microbatch."""
+    from megatron_channel.step.loss import stock_loss_func
+
+    loss, num_tokens, metrics = stock_loss_func(loss_mask, output_tensor)
+    losses, mask = output_tensor.view(-1).float(), loss_mask.view(-1).float()
+    k = config.num_channels
+    token_channel = torch.repeat_interleave(channels.long() % (k + 1), cu_seqlens.diff().long())
+    sums = torch.zeros(k + 1, 2, device=losses.device)
+    sums.index_add_(0, token_channel, torch.stack([losses * mask, mask], 1))
     keys = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, sorted(metrics))
-    values = torch.stack([metrics[k] for k in sorted(metrics)])
-    dist.all_reduce(values)
-    return values
+    dist.all_gather_object(keys, config.metric_keys())
+    dist.all_reduce(sums)
+    metrics.update(zip(config.metric_keys(), sums[:k].unbind(0)))
+    return loss, num_tokens, metrics
 
 
 def make_case(tokens: int, sequences: int, num_channels: int, device: torch.device, seed: int = 0):
@@ -138,6 +158,8 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
     rows = []
     for tokens, sequences, num_channels in grid:
         output, mask, cu, channels, config, packed = make_case(tokens, sequences, num_channels, device)
+        accuracy_config = dataclasses.replace(config, token_accuracy=True)
+        correct = (torch.rand(output.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float().to(device)
 
         def stock():
             return stock_loss_func(mask, output)
@@ -146,11 +168,15 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
             return channel_loss_func(output, loss_mask=mask, channels=channels, config=config,
                                      packed_seq_params=packed, cp_size=1, validate=False)
 
+        def ours_accuracy():
+            return channel_loss_func(output, loss_mask=mask, channels=channels, config=accuracy_config,
+                                     packed_seq_params=packed, cp_size=1, validate=False, correct_tokens=correct)
+
         def loop():
             return loop_loss_func(mask, output, cu, channels, config)
 
-        def ours_sync():
-            return key_sync(ours()[2])
+        def swift():
+            return swift_loss_func(mask, output, cu, channels, config)
 
         def prefix_path():
             from megatron_channel.segment_math import summing_like_a_gpu
@@ -160,8 +186,9 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
 
         loop_runs = max(3, runs // max(1, sequences // 16))
         row = dict(device=device.type, tokens=tokens, sequences=sequences, channels=num_channels,
-                   stock=median_us(stock, runs), ours=median_us(ours, runs), loop=median_us(loop, loop_runs),
-                   ours_sync=median_us(ours_sync, runs),
+                   stock=median_us(stock, runs), ours=median_us(ours, runs),
+                   ours_accuracy=median_us(ours_accuracy, runs), loop=median_us(loop, loop_runs),
+                   swift=median_us(swift, runs),
                    prefix=median_us(prefix_path, runs) if device.type == "cpu" else None,
                    extra_bytes=extra_peak_bytes_per_token(ours, stock, tokens) if device.type == "cuda" else None)
         rows.append(row)
@@ -260,16 +287,104 @@ def demo_step_in_processes(processes: int, rounds: int) -> dict:
 
 
 
-HEADER = ("| device | T | seqs | K | stock us | ours us | loop us | ours+key-sync us | prefix path us | ours/stock "
-          "| loop/ours | extra peak B/token |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| device | T | seqs | K | stock us | ours us | ours+acc us | loop us | ms-swift us | prefix path us "
+          "| ours/stock | acc/ours | loop/ours | ms-swift/ours | extra peak B/token |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     extra = "n/a (CPU)" if r["extra_bytes"] is None else f"{r['extra_bytes']:.1f}"
     prefix = "= ours" if r["prefix"] is None else f"{r['prefix']:.1f}"
     return (f"| {r['device']} | {r['tokens'] // 1024}k | {r['sequences']} | {r['channels']} | {r['stock']:.1f} | "
-            f"{r['ours']:.1f} | {r['loop']:.1f} | {r['ours_sync']:.1f} | {prefix} | {r['ours'] / r['stock']:.2f} | "
-            f"{r['loop'] / r['ours']:.1f} | {extra} |")
+            f"{r['ours']:.1f} | {r['ours_accuracy']:.1f} | {r['loop']:.1f} | {r['swift']:.1f} | {prefix} | "
+            f"{r['ours'] / r['stock']:.2f} | {r['ours_accuracy'] / r['ours']:.2f} | {r['loop'] / r['ours']:.1f} | "
+            f"{r['swift'] / r['ours']:.1f} | {extra} |")
+
+
+LOGITS_GRID = [(2048, 32768), (8192, 8192), (1024, 131072)]  # tokens x vocabulary (float32 logits, <= 512 MB)
+LOGITS_HEADER = ("| device | T | V | Megatron cross entropy us | correct-token flags us | flags/CE |\n"
+                 "|---|---|---|---|---|---|")
+
+
+def bench_accuracy_in_loss_step(device: torch.device, grid, runs: int) -> list[dict]:
+    """The model-side half of token accuracy against Megatron's own cross entropy (TP = 1)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_channel.step.token_accuracy import target_is_argmax
+
+    median_us = timer(device)
+    rows = []
+    for tokens, vocab in grid:
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(tokens, 1, vocab, generator=gen).to(device)  # [s, b, V]
+        labels = torch.randint(0, vocab, (1, tokens), generator=gen).to(device)
+        scratch = torch.empty_like(logits)
+
+        def copy():
+            scratch.copy_(logits)  # the cross entropy works in place: give it a fresh copy each run
+
+        def cross_entropy():
+            copy()
+            return vocab_parallel_cross_entropy(scratch, labels.t(), tp_group=dist.group.WORLD)  # 1 rank
+
+        copy_us = median_us(copy, runs)
+        row = dict(device=device.type, tokens=tokens, vocab=vocab, ce=median_us(cross_entropy, runs) - copy_us,
+                   flags=median_us(lambda: target_is_argmax(logits, labels), runs))
+        rows.append(row)
+        print(format_logits_row(row), flush=True)
+    return rows
+
+
+def format_logits_row(r: dict) -> str:
+    return (f"| {r['device']} | {r['tokens'] // 1024}k | {r['vocab'] // 1024}k | {r['ce']:.0f} | {r['flags']:.0f} | "
+            f"{r['flags'] / r['ce']:.2f} |")
+
+
+COLLECTIVE_HEADER = ("| T | extra all-reduce (MAX, [2, T] float32) us | the cross entropy's 3 all-reduces ([T] each) us "
+                     "| extra/CE's |\n|---|---|---|---|")
+
+
+def _all_reduce_worker(rank, world_size, tokens_list, runs):
+    torch.set_num_threads(1)
+    out = []
+    for tokens in tokens_list:
+        pair, single = torch.rand(2, tokens), torch.rand(tokens)
+
+        def ours():
+            dist.all_reduce(pair, op=dist.ReduceOp.MAX)
+
+        def megatrons():
+            dist.all_reduce(single, op=dist.ReduceOp.MAX)
+            dist.all_reduce(single)
+            dist.all_reduce(single)
+
+        times = {}
+        for name, fn in (("ours", ours), ("ce", megatrons)):
+            for _ in range(10):
+                fn()
+            samples = []
+            for _ in range(runs):
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1e6)
+            times[name] = statistics.median(samples)
+        out.append(dict(tokens=tokens, **times))
+    return out
+
+
+def bench_tp_all_reduce(tokens_list, runs: int) -> list[dict]:
+    """The one extra TP collective of token accuracy, over 2 gloo processes on this machine."""
+    from megatron_channel.testing import run_distributed
+
+    rows = run_distributed(_all_reduce_worker, 2, tokens_list, runs, timeout=600)[0]
+    for r in rows:
+        print(format_collective_row(r), flush=True)
+    return rows
+
+
+def format_collective_row(r: dict) -> str:
+    return f"| {r['tokens'] // 1024}k | {r['ours']:.0f} | {r['ce']:.0f} | {r['ours'] / r['ce']:.2f} |"
 
 
 def targets(rows: list[dict], demo: dict | None) -> list[str]:
@@ -301,6 +416,15 @@ def targets(rows: list[dict], demo: dict | None) -> list[str]:
         lines.append(f"- CPU loop/ours >= 10x at >= 256 sequences: worst {worst['loop'] / worst['ours']:.1f}x "
                      f"(T={worst['tokens'] // 1024}k, {worst['sequences']} seqs, K={worst['channels']}) -> "
                      f"{'PASS' if ok else 'FAIL'}")
+    for device in sorted({r["device"] for r in rows}):
+        mine = [r for r in rows if r["device"] == device]
+        acc = statistics.median(r["ours_accuracy"] / r["ours"] for r in mine)
+        swift = statistics.median(r["swift"] / r["ours"] for r in mine)
+        worst = max(mine, key=lambda r: r["ours_accuracy"] / r["ours"])
+        lines.append(f"- {device.upper()} token accuracy in loss_func: {acc:.2f}x the loss alone (median over the grid; "
+                     f"worst {worst['ours_accuracy'] / worst['ours']:.2f}x at T={worst['tokens'] // 1024}k, "
+                     f"{worst['sequences']} seqs, K={worst['channels']}); ms-swift's method: {swift:.1f}x ours "
+                     "(median over the grid; measured, no target)")
     if demo:
         added, noise = demo["added"], demo["noise"]
         in_step = (demo["loss_in_step_ours"] - demo["loss_in_step_stock"]) / demo["step_stock"]
@@ -331,6 +455,15 @@ def machine() -> str:
         text += f"; GPU {torch.cuda.get_device_name()}"
     return text
 
+
+ACCURACY_NOTE = """With `--channel-token-accuracy` the model's loss step (`GPTModel.forward(output_processor=...)`,
+`megatron_channel/step/token_accuracy.py`) reads the logits once more before Megatron's cross
+entropy, which works on them in place: the max over this rank's vocabulary shard and the
+label's logit, per token, with no copy of the logits and no autograd history. Megatron's
+cross entropy is timed on a fresh copy of the logits each run (the copy's own time
+subtracted). At TP > 1 the flags need one all-reduce (MAX) of a `[2, T]` float32 tensor over
+the TP group, on top of the cross entropy's own three (`[T]` each): timed below. The loss
+side (`ours+acc` above) repeats the per-channel sums over the flags."""
 
 NOTES = """## Notes
 
@@ -397,6 +530,12 @@ def main(argv=None) -> int:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(HEADER)
     rows = [row for device in devices for row in bench_grid(device, grid, runs)]
+    logits_grid = [(1024, 8192)] if opts.quick else LOGITS_GRID
+    print("\n" + LOGITS_HEADER)
+    logits_rows = [row for device in devices for row in bench_accuracy_in_loss_step(device, logits_grid,
+                                                                                    5 if opts.quick else 30)]
+    print("\n" + COLLECTIVE_HEADER)
+    collective_rows = bench_tp_all_reduce([8192] if opts.quick else [8192, 32768, 131072], 20 if opts.quick else 200)
     if opts.no_demo_step:
         demo = None
     elif opts.quick:
@@ -422,7 +561,12 @@ def main(argv=None) -> int:
                 "microbatch per call; `ours+key-sync` adds a peer's per-microbatch all_gather_object + all_reduce "
                 "over a 1-rank gloo group\n\n"
                 "## Targets\n\n" + "\n".join(verdict) + "\n\n## Per microbatch\n\n" + HEADER + "\n"
-                + "\n".join(format_row(r) for r in rows) + "\n\n" + NOTES + end_to_end
+                + "\n".join(format_row(r) for r in rows)
+                + "\n\n## Token accuracy in the model's loss step\n\n" + ACCURACY_NOTE + "\n\n" + LOGITS_HEADER + "\n"
+                + "\n".join(format_logits_row(r) for r in logits_rows)
+                + "\n\nIts one extra tensor-parallel collective, over 2 gloo processes on this machine "
+                "(median of 200, after a barrier):\n\n" + COLLECTIVE_HEADER + "\n"
+                + "\n".join(format_collective_row(r) for r in collective_rows) + "\n\n" + NOTES + end_to_end
             )
         print(f"wrote {opts.out}")
     dist.destroy_process_group()

@@ -54,3 +54,44 @@ def test_prefix_that_cannot_be_a_key_is_rejected():
 def test_prefix_that_would_clash_with_other_logs_is_rejected(prefix):
     with pytest.raises(ValueError, match="bare names or clash with the token logs"):
         ChannelConfig(["math"], prefix=prefix)
+
+
+def test_name_templates_give_the_keys_dashboards_already_have():
+    config = ChannelConfig(["math", "code"], token_accuracy=True, loss_name="{channel}_loss",
+                           accuracy_name="{channel}_token_acc")
+    assert config.metric_keys() == ["math_loss", "code_loss"]
+    assert config.accuracy_keys() == ["math_token_acc", "code_token_acc"]
+    assert ChannelConfig(["math"], token_accuracy=True).accuracy_keys() == ["token_acc_math"]
+    assert ChannelConfig(["math"]).accuracy_keys() == []  # accuracy off: no keys
+    assert ChannelConfig(["math"], loss_name="loss_{channel}") == ChannelConfig(["math"])
+    assert config.looks_like_channel_key("web_loss") and config.looks_like_channel_key("web_token_acc")
+    assert not config.looks_like_channel_key("lm loss")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss_name="loss"), r"loss_name = 'loss' must hold \{channel\} exactly once"),
+        (dict(loss_name="{channel}_{channel}"), r"exactly once"),
+        (dict(loss_name="{channel}_{split}"), r"exactly once and no other field"),
+        (dict(loss_name="{channel"), r"not a valid name template"),
+        (dict(loss_name="{channel}"), r"bare channel"),
+        (dict(loss_name="tokens_{channel}"), r"clash with the token logs"),
+        (dict(loss_name="loss/{channel}"), r"whitespace or '/'"),
+        (dict(loss_name="loss {channel}"), r"whitespace or '/'"),
+        (dict(prefix="ch_", loss_name="{channel}_loss"), r"prefix='ch_' and loss_name=.* both name the loss keys"),
+        (dict(token_accuracy=True, accuracy_name="loss_{channel}"),
+         r"metric key 'loss_math' names both the loss of 'math' and the accuracy of 'math'"),
+        (dict(token_accuracy=True, accuracy_name="{channel}_acc", loss_name="x_{channel}", channels=["a_acc", "x_a"]),
+         r"unique|names both"),
+    ],
+)
+def test_names_that_clash_or_cannot_be_tags_are_refused(kwargs, match):
+    channels = kwargs.pop("channels", ["math", "code"])
+    with pytest.raises(ValueError, match=match):
+        ChannelConfig(channels, **kwargs)
+
+
+def test_channel_keys_cannot_take_megatron_or_accuracy_names():
+    with pytest.raises(ValueError, match=r"'token acc'|whitespace"):
+        ChannelConfig(["acc"], token_accuracy=True, accuracy_name="token {channel}")

@@ -150,3 +150,22 @@ def test_the_host_summing_path_is_what_the_guard_would_catch():
     with forbid_host_sync(), pytest.raises(HostSync):
         channel_loss_func(torch.rand(1, 8), loss_mask=torch.ones(1, 8), channels=torch.tensor([0, 1]),
                           config=config, packed_seq_params=psp, cp_size=1, validate=False)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_accuracy_adds_no_host_sync(gpu_summing, packed):
+    """The correct-token flags (the model's loss step, TP = 1) and their per-channel sums."""
+    from megatron_channel.step.token_accuracy import target_is_argmax
+
+    config = ChannelConfig(["a", "b", "c"], token_accuracy=True)
+    logits, labels = torch.randn(16, 2, 50), torch.randint(0, 50, (2, 16))
+    cu = torch.tensor([0, 5, 16, 16, 21, 32], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if packed else None
+    channels = torch.tensor([0, 2, -1, 1, 1]) if packed else torch.tensor([0, 2])
+    with forbid_host_sync():
+        flags = target_is_argmax(logits, labels)
+        shape = (1, 32) if packed else (2, 16)
+        _, _, metrics = channel_loss_func(torch.rand(shape), loss_mask=torch.ones(shape), channels=channels,
+                                          config=config, packed_seq_params=psp, cp_size=1, validate=False,
+                                          correct_tokens=flags.reshape(shape))
+    assert metrics["token acc"].tolist() == [float(flags.sum()), 32.0]

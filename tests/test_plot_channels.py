@@ -29,7 +29,7 @@ from megatron_channel.channel_logging.jsonl_schema import (
     train_record,
     validation_record,
 )
-from megatron_channel.channel_logging.log_fields import train_scalars
+from megatron_channel.channel_logging.log_fields import train_scalars, validation_scalars
 from megatron_channel.channel_logging.windows import ChannelAccountant, ChannelStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +185,50 @@ def test_bad_inputs_fail_with_a_message(tmp_path):
         plot_channels.load_series(str(bad))
     with pytest.raises(FileNotFoundError, match="neither a jsonl file nor a TensorBoard directory"):
         plot_channels.load_series(str(tmp_path / "missing"))
+
+
+@pytest.mark.timeout(90)
+def test_accuracy_series_and_their_panel(tmp_path):
+    """A run with token accuracy and renamed keys: both inputs give the accuracy that was written,
+    and the PNG gets the accuracy panel (a taller figure)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    config = ChannelConfig(["math", "code"], token_accuracy=True, loss_name="{channel}_loss",
+                           accuracy_name="{channel}_token_acc")
+    accountant = ChannelAccountant(config)
+    jsonl, tb_dir = tmp_path / "channels.jsonl", tmp_path / "tb"
+    writer = SummaryWriter(log_dir=str(tb_dir))
+    want_train, want_validation = {"math": [], "code": []}, {"math": []}
+    for it in range(1, 9):
+        tokens = [40.0 + it, 0.0 if it % 4 == 0 else 20.0]
+        correct = [0.05 * it * tokens[0], 0.5 * tokens[1]]
+        rows = [[2.0 * tokens[0], tokens[0]], [3.0 * tokens[1], tokens[1]], [2.0 * tokens[0] + 3.0 * tokens[1], sum(tokens)],
+                [correct[0], tokens[0]], [correct[1], tokens[1]], [sum(correct), sum(tokens)]]
+        accountant.add_iteration(torch.tensor(rows, dtype=torch.float64))
+        report = accountant.console_report()
+        append_jsonl(str(jsonl), train_record(report, it))
+        for name, value in train_scalars(report, config).items():
+            writer.add_scalar(name, value, it)
+        for i, name in enumerate(config.channels):
+            if report.window.accuracy(i) is not None:
+                want_train[name].append((it, report.window.accuracy(i)))
+        if it % 4 == 0:
+            stats = ChannelStats.from_totals(config.channels, rows)
+            append_jsonl(str(jsonl), validation_record(stats, it))
+            for name, value in validation_scalars(stats, config).items():
+                writer.add_scalar(name, value, it)
+            want_validation["math"].append((it, stats.accuracy(0)))
+    writer.close()
+    for source in (jsonl, tb_dir):
+        series = plot_channels.load_series(str(source), "{channel}_loss", "{channel}_token_acc")
+        for name in config.channels:
+            assert_points_close(series.train_accuracy[name], want_train[name])
+        assert_points_close(series.validation_accuracy[("math", "")], want_validation["math"])
+        assert series.reference_accuracy and series.train_loss["math"]
+    plain, with_accuracy = tmp_path / "plain.png", tmp_path / "accuracy.png"
+    assert run_cli(jsonl, "-o", with_accuracy).returncode == 0
+    series = plot_channels.load_series(str(jsonl))
+    series.train_accuracy, series.validation_accuracy = {}, {}
+    plot_channels.plot(series, str(plain))
+    height = lambda png: int.from_bytes(png.read_bytes()[20:24], "big")  # the PNG header's height
+    assert height(with_accuracy) > height(plain)

@@ -235,3 +235,62 @@ def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     assert sum(r.channels["other"].tokens for r in run.train_records()) > 0
     assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
         "math", "code", "chat", "other"}
+
+
+ACCURACY = ["--channel-token-accuracy", "--channel-loss-name", "{channel}_loss",
+            "--channel-accuracy-name", "{channel}_token_acc"]
+PARALLEL = {
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "cp2": ["--context-parallel-size", "2"],
+}
+
+
+@pytest.mark.parametrize("parallel", sorted(PARALLEL))
+def test_token_accuracy_with_renamed_keys_leaves_training_bitwise(runs, parallel):
+    """--channel-token-accuracy under TP (a vocabulary shard per rank), PP and CP, with the keys
+    renamed: lm loss and grad norm are bitwise those of the run without it; the accuracies are
+    shares in [0, 1] that mix, token-weighted, to `token acc`; console, jsonl and TensorBoard agree."""
+    channels = ["--channels", *CHANNELS, "math", "--channels-from-blend", *CHANNELS] if parallel == "tp2" else None
+    base = runs(parallel, "--train-iters", "20", *PARALLEL[parallel], channels=channels)
+    run = runs(f"{parallel}_accuracy", "--train-iters", "20", *PARALLEL[parallel], *ACCURACY, channels=channels)
+    base_lines, lines = base.iteration_lines(), run.iteration_lines()
+    assert sorted(lines) == sorted(base_lines)
+    for iteration, fields in lines.items():
+        for key in ("lm loss", "grad norm"):
+            assert fields[key] == base_lines[iteration][key], (iteration, key)
+    scalars = run.scalars
+    for record in run.train_records():
+        assert record.token_acc is not None and 0.0 <= record.token_acc <= 1.0
+        tracked = {name: c for name, c in record.channels.items() if c.tokens}
+        assert sum(c.tokens * c.accuracy for c in tracked.values()) / record.loss_tokens == pytest.approx(
+            record.token_acc, rel=1e-9)
+        line = lines[record.iteration]
+        assert abs(float(line["token acc"]) - record.token_acc) <= 5e-5
+        for name, channel in record.channels.items():
+            if not channel.tokens:
+                assert channel.accuracy is None and f"{name}_token_acc" not in line
+                continue
+            assert 0.0 <= channel.accuracy <= 1.0
+            assert abs(float(line[f"{name}_token_acc"]) - channel.accuracy) <= 5e-5
+            assert close(float(line[f"{name}_loss"]), channel.loss, 1e-6) and f"loss_{name}" not in line
+            window = range(record.iteration - record.iterations_in_window + 1, record.iteration + 1)
+            tokens = [scalars[f"tokens_{name}"][i] for i in window]
+            correct = sum(t * scalars[f"{name}_token_acc"][i] for t, i in zip(tokens, window) if t)
+            assert correct / sum(tokens) == pytest.approx(channel.accuracy, rel=1e-6)
+    validation = [r for r in run.validation_records() if r.split == "validation"]
+    assert validation and all(r.token_acc is not None for r in validation)
+    for name in CHANNELS:
+        logged = [(r.iteration, r.channels[name].accuracy) for r in validation if r.channels[name].tokens]
+        points = run.events[f"{name}_token_acc validation"]
+        assert [step for step, _ in points] == [it for it, _ in logged]
+        assert all(abs(value - acc) < 1e-6 for (_, value), (_, acc) in zip(points, logged))
+    assert "token acc validation" in run.events
+    lines = [fields for head, fields in run.validation_lines() if "test set" not in head]
+    assert len(lines) == len(validation)
+    for record, fields in zip(validation, lines):
+        assert abs(float(fields["token acc value"]) - record.token_acc) <= 5e-5
+        for name, channel in record.channels.items():
+            if channel.tokens:
+                assert abs(float(fields[f"{name}_token_acc value"]) - channel.accuracy) <= 5e-5
+                assert close(float(fields[f"{name}_loss value"]), channel.loss, 1e-6)

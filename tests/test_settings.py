@@ -75,6 +75,49 @@ def test_prefix_field_and_policy_flags(parser):
 
 
 @pytest.mark.timeout(30)
+def test_token_accuracy_and_name_template_flags(parser, tmp_path):
+    s = settings_of(parser, "--channels", "math", "code", "--channel-token-accuracy",
+                    "--channel-loss-name", "{channel}_loss", "--channel-accuracy-name", "{channel}_token_acc")
+    config = s.channel_config()
+    assert config.token_accuracy and config.metric_keys() == ["math_loss", "code_loss"]
+    assert config.accuracy_keys() == ["math_token_acc", "code_token_acc"]
+    assert not settings_of(parser, "--channels", "math").channel_config().token_accuracy
+    # The same from a channel YAML.
+    path = write_yaml(tmp_path, {"channels": ["math"], "channel_token_accuracy": True,
+                                 "channel_loss_name": "{channel}_loss"})
+    config = settings_of(parser, "--channel-config", path).channel_config()
+    assert config.token_accuracy and config.metric_keys() == ["math_loss"]
+    assert config.accuracy_keys() == ["token_acc_math"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--channels", "a", "--channel-token-accuracy", "--channel-token-accuracy"])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--channel-loss-prefix", "ch_", "--channel-loss-name", "{channel}_loss"],
+         r"--channel-loss-prefix .* and --channel-loss-name .* both name the loss keys"),
+        (["--channel-loss-name", "loss"], r"--channel-loss-name \(YAML: channel_loss_name\) = 'loss' must hold"),
+        (["--channel-token-accuracy", "--channel-accuracy-name", "loss_{channel}"],
+         r"'loss_math' names both the loss of 'math' and the accuracy of 'math'.*--channel-accuracy-name"),
+        (["--channel-token-accuracy", "--channel-accuracy-name", "acc/{channel}"],
+         r"--channel-accuracy-name .* contains whitespace or '/'"),
+    ],
+)
+def test_names_are_checked_at_start_up(parser, argv, match):
+    with pytest.raises(ValueError, match=match):
+        settings_of(parser, "--channels", "math", *argv)
+
+
+@pytest.mark.timeout(30)
+def test_token_accuracy_yaml_value_must_be_a_bool(parser, tmp_path):
+    path = write_yaml(tmp_path, {"channels": ["math"], "channel_token_accuracy": "yes"})
+    with pytest.raises(ValueError, match=r"--channel-token-accuracy .* = 'yes'; give true or false"):
+        settings_of(parser, "--channel-config", path)
+
+
+@pytest.mark.timeout(30)
 def test_flag_given_twice_is_an_argparse_error(parser, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--channels", "math", "--channels", "code"])

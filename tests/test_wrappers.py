@@ -411,3 +411,41 @@ def test_a_reworded_validation_line_warns_once(reworded):
     else:
         assert channel_warnings(caught) == []
         assert all(line.endswith(" | tokens_math: 4 | tokens_code: 2 | tokens_chat: 0 | loss tokens: 8 | ") for line in printed), printed
+
+
+@pytest.mark.timeout(60)
+def test_real_training_log_shows_and_writes_token_accuracy(megatron_globals, tmp_path, capsys):
+    """With token accuracy: `token acc` and `token_acc_<name>` in the console line, TensorBoard,
+    W&B and the jsonl, token-weighted over the interval; an empty channel has none."""
+    from megatron_channel import ChannelConfig
+
+    args, wandb = megatron_globals
+    config = ChannelConfig(list(NAMES), token_accuracy=True)
+    jsonl = tmp_path / "acc.jsonl"
+    install_channel_logging(config, jsonl_path=str(jsonl))
+    state = installed_channel_logging()
+    timers = global_vars.get_timers()
+    correct = {1: [3.0, 1.0, 0.0], 2: [1.0, 0.0, 1.0]}  # per iteration, per channel (chat empty in 1, code in 2)
+    for iteration in (1, 2):
+        it = ITERATIONS[iteration - 1]
+        rows = [[correct[iteration][i], it["rows"][i][1]] for i in range(3)]
+        rows.append([sum(correct[iteration]), it["lm"][1]])
+        state.pending_train_totals = torch.cat([totals_of(it), torch.tensor(rows, dtype=torch.float64)])
+        args.consumed_train_samples = 4 * iteration
+        timers("interval-time", log_level=0).set_elapsed(0.5)
+        training.training_log({}, {}, 1e-3, iteration, 1.0, False, 0, 1.5, None, None, None,
+                              is_first_iteration=(iteration == 1))
+    global_vars.get_tensorboard_writer().flush()
+    line = [l for l in capsys.readouterr().out.splitlines() if " iteration " in l][-1]  # iterations 1..2
+    # math: (3 + 1) / (4 + 2); code: 1 / 2; chat: 1 / 1; all: 6 / 11.
+    assert " token acc: 0.5455 |" in line and " token_acc_math: 0.6667 |" in line
+    assert " token_acc_code: 0.5000 |" in line and " token_acc_chat: 1.0000 |" in line
+    assert line.index(" token acc:") < line.index(" loss_math:") < line.index("token_acc_math") < line.index(" loss scale:")
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["token_acc_math"] == pytest.approx({1: 0.75, 2: 0.5})
+    assert scalars["token_acc_chat"] == pytest.approx({2: 1.0})  # no point where chat had no tokens
+    assert scalars["token acc"] == pytest.approx({1: 0.5, 2: 2 / 3})
+    logged = {name: {step: v[name] for v, step in wandb.logged if name in v} for name in ("token_acc_math", "token acc")}
+    assert logged == {"token_acc_math": {1: 0.75, 2: 0.5}, "token acc": {1: 0.5, 2: 2 / 3}}
+    last = json.loads(jsonl.read_text().splitlines()[-1])
+    assert last["token_acc"] == pytest.approx(6 / 11) and last["channels"]["math"]["accuracy"] == pytest.approx(4 / 6)

@@ -6,7 +6,9 @@ The one definition of the file's records, used by the logging (writing), by
 (``kind`` ``"validation"``, ``split`` ``"validation"`` or ``"test"``, ``set`` Megatron's
 set suffix) covers one evaluation. Per channel: ``loss`` (null when it had no tokens, never
 NaN), ``tokens`` and ``share`` of all loss tokens, and on train records the cumulative
-``tokens_cumulative`` / ``share_cumulative`` since logging started in the process. The file
+``tokens_cumulative`` / ``share_cumulative`` since logging started in the process. With
+token accuracy on, each channel also has ``accuracy`` and the record ``token_acc`` (absent,
+not null, where undefined or off). The file
 is appended to, never truncated, so a resumed run continues it.
 """
 
@@ -30,9 +32,10 @@ class ValidationChannel:
     loss: float | None
     tokens: float
     share: float | None
+    accuracy: float | None = None  # with token accuracy on (else absent from the file)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainChannel(ValidationChannel):
     tokens_cumulative: float
     share_cumulative: float | None
@@ -50,6 +53,7 @@ class TrainRecord:
     loss_tokens: float
     loss_tokens_cumulative: float
     channels: dict[str, TrainChannel]
+    token_acc: float | None = None  # with token accuracy on (else absent from the file)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class ValidationRecord:
     lm_loss_token_weighted: float | None
     loss_tokens: float
     channels: dict[str, ValidationChannel]
+    token_acc: float | None = None
 
 
 Record = TrainRecord | ValidationRecord
@@ -83,9 +88,11 @@ def train_record(report, iteration: int, consumed_samples: int | None = None) ->
         loss_tokens_cumulative=cumulative.total_tokens,
         channels={
             name: TrainChannel(loss=window.loss(i), tokens=window.tokens[i], share=window.share(i),
-                               tokens_cumulative=cumulative.tokens[i], share_cumulative=cumulative.share(i))
+                               accuracy=window.accuracy(i), tokens_cumulative=cumulative.tokens[i],
+                               share_cumulative=cumulative.share(i))
             for i, name in enumerate(window.names)
         },
+        token_acc=window.token_acc(),
     )
 
 
@@ -99,14 +106,26 @@ def validation_record(stats, iteration: int, *, split: str = "validation", set_s
         consumed_samples=consumed_samples,
         lm_loss_token_weighted=stats.lm_loss(),
         loss_tokens=stats.total_tokens,
-        channels={name: ValidationChannel(loss=stats.loss(i), tokens=stats.tokens[i], share=stats.share(i))
+        channels={name: ValidationChannel(loss=stats.loss(i), tokens=stats.tokens[i], share=stats.share(i),
+                                          accuracy=stats.accuracy(i))
                   for i, name in enumerate(stats.names)},
+        token_acc=stats.token_acc(),
     )
+
+
+# Fields a record has only with token accuracy on: left out of the file when None.
+OPTIONAL_FIELDS = ("accuracy", "token_acc")
+
+
+def _without_unset(values: dict) -> dict:
+    return {k: v for k, v in values.items() if not (k in OPTIONAL_FIELDS and v is None)}
 
 
 def to_json(record: Record) -> dict[str, Any]:
     """The JSON object of ``record``: ``kind`` first, then the fields in definition order."""
-    return {"kind": record.kind, **dataclasses.asdict(record)}
+    obj = {"kind": record.kind, **_without_unset(dataclasses.asdict(record))}
+    obj["channels"] = {name: _without_unset(values) for name, values in obj["channels"].items()}
+    return obj
 
 
 def from_json(obj: Any, where: str = "record") -> Record:
@@ -114,7 +133,8 @@ def from_json(obj: Any, where: str = "record") -> Record:
     try:
         kind = obj["kind"]
         record_type, channel_type = _RECORD_TYPE[kind], _CHANNEL_TYPE[kind]
-        fields = {f.name: obj[f.name] for f in dataclasses.fields(record_type)}
+        fields = {f.name: obj[f.name] for f in dataclasses.fields(record_type) if f.name not in OPTIONAL_FIELDS}
+        fields.update({k: obj[k] for k in OPTIONAL_FIELDS if k in obj})
         fields["channels"] = {name: channel_type(**values) for name, values in obj["channels"].items()}
         fields["iteration"] = int(fields["iteration"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -3,8 +3,8 @@
 ``capturing_forward_step`` wraps a Megatron ``forward_step_func`` so that every ``loss_func``
 it returns hands back Megatron's ``(loss, num_tokens, metrics)`` with the channel keys taken
 OUT of ``metrics`` and kept, per microbatch, as one ``[K + 1, 2]`` tensor (rows: channels in
-config order, then ``"lm loss"``; columns: summed per-token loss, loss tokens), still on the
-GPU. So stock code never sees a channel key: no NaN, and none of its K per-key all-reduces.
+config order, then ``"lm loss"``; columns: summed per-token loss, loss tokens; with token
+accuracy ``K + 1`` more rows of correct and loss tokens, ``captured_keys``), still on the GPU. So stock code never sees a channel key: no NaN, and none of its K per-key all-reduces.
 This adds one small ``torch.stack`` per microbatch and no host sync or collective.
 ``all_reduce_totals`` then sums an iteration's rows and does ONE float64 all-reduce over the
 data-parallel x context-parallel group (``dp_cp_group``), giving the exact global totals.
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ChannelConfig
-from .names import LM_LOSS_KEY
+from .names import LM_LOSS_KEY, TOKEN_ACC_KEY
 
 
 class ChannelMetricsError(KeyError):
@@ -30,29 +30,39 @@ class ChannelMetricsError(KeyError):
         return str(self.args[0])
 
 
+def captured_keys(config: ChannelConfig) -> list[str]:
+    """The rows of the captured table: channel losses, ``lm loss``, then with token accuracy the
+    channel accuracies and ``token acc`` (the layout ``windows`` reads)."""
+    keys = config.metric_keys() + [LM_LOSS_KEY]
+    if config.token_accuracy:
+        keys += config.accuracy_keys() + [TOKEN_ACC_KEY]
+    return keys
+
+
 def split_channel_metrics(metrics: Mapping[str, Tensor], config: ChannelConfig) -> tuple[Tensor, dict]:
-    """Take the channel keys out of one microbatch's ``metrics``.
+    """Take the channel keys (and ``token acc``) out of one microbatch's ``metrics``.
 
     Returns:
-        ``[K + 1, 2]`` (sum, count) rows: the channels in config order, then ``lm loss``
-        (float32, on the metrics' device); and ``metrics`` without the channel keys.
+        ``[K + 1, 2]`` (sum, count) rows in ``captured_keys`` order, ``[2 (K + 1), 2]`` with
+        token accuracy (float32, on the metrics' device); and ``metrics`` without those keys
+        (``lm loss`` stays: Megatron's own loop reduces and logs it).
     """
-    keys = config.metric_keys()
-    missing = [k for k in keys + [LM_LOSS_KEY] if k not in metrics]
+    keys = captured_keys(config)
+    missing = [k for k in keys if k not in metrics]
     if missing:
         raise ChannelMetricsError(
             f"loss_func metrics lack {missing} (has {list(metrics)}): install_channel_logging(config) "
             "needs the forward_step of make_forward_step(config) with the same ChannelConfig"
         )
-    unknown = [k for k in metrics if k.startswith(config.prefix) and k not in keys and k != LM_LOSS_KEY]
+    unknown = [k for k in metrics if k not in keys and (config.looks_like_channel_key(k) or k == TOKEN_ACC_KEY)]
     if unknown:
         raise ChannelMetricsError(
             f"loss_func metrics have channel keys {unknown} that the logging config does not name "
             f"(it names {keys}): pass the same ChannelConfig to make_forward_step and install_channel_logging"
         )
-    rows = torch.stack([metrics[k].detach().view(-1).float() for k in keys + [LM_LOSS_KEY]])
-    channel_keys = set(keys)
-    rest = {k: v for k, v in metrics.items() if k not in channel_keys}
+    rows = torch.stack([metrics[k].detach().view(-1).float() for k in keys])
+    taken = set(keys) - {LM_LOSS_KEY}
+    rest = {k: v for k, v in metrics.items() if k not in taken}
     return rows, rest
 
 

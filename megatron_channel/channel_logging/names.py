@@ -1,11 +1,16 @@
 """Every name a channel value is shown or written under (console, TensorBoard, W&B, jsonl tags).
 
-``loss_math`` is ``ChannelConfig.prefix + name`` (``ChannelConfig.metric_keys``); every other
-name holds a space or the ``tokens_`` prefix, and channel names never hold whitespace, so
-nothing collides with Megatron's own names (``lm loss``, ``lm loss validation``):
+The channel keys come from ``ChannelConfig``'s templates (``metric_keys``, ``accuracy_keys``),
+which are checked never to start with ``tokens_`` nor to hold whitespace; every other name
+holds a space or the ``tokens_`` prefix, so nothing collides, nor with Megatron's own names
+(``lm loss``, ``lm loss validation``):
 
 * ``loss_math``: the channel's token-weighted loss over the window; with
-  ``... vs samples`` beside it on TensorBoard, as Megatron does for ``lm loss``.
+  ``... vs samples`` beside it on TensorBoard, as Megatron does for ``lm loss``. The key is
+  ``ChannelConfig.loss_name`` (``--channel-loss-name``, default ``loss_{channel}``).
+* ``token_acc_math`` / ``token acc`` (with token accuracy on): the share of the channel's /
+  all loss tokens whose label is an argmax of the logits; ``ChannelConfig.accuracy_name``
+  (``--channel-accuracy-name``, default ``token_acc_{channel}``).
 * ``tokens_math`` / ``tokens_math cumulative``: its loss tokens in the window / since start.
 * ``token share math`` / ``token share math cumulative``: ``tokens_math / loss tokens``.
 * ``loss tokens`` / ``loss tokens cumulative``: all loss tokens, untracked included.
@@ -14,6 +19,7 @@ nothing collides with Megatron's own names (``lm loss``, ``lm loss validation``)
 """
 
 LM_LOSS_KEY = "lm loss"  # Megatron's metric key of the all-token loss
+TOKEN_ACC_KEY = "token acc"  # the all-token accuracy, beside it (with token accuracy on)
 TOKENS_PREFIX = "tokens_"
 ALL_TOKENS_NAME = "loss tokens"
 CUMULATIVE = " cumulative"

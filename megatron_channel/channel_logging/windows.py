@@ -2,10 +2,12 @@
 
 Pure bookkeeping, independent of Megatron's loop: one iteration's global totals are a
 ``[K + 1, 2]`` table (rows: channels in config order, then ``"lm loss"``; columns: summed
-per-token loss, loss tokens). A window sums the tables of its iterations in float64; its loss
-for a channel is ``sum of its losses / sum of its tokens``: exact, token-weighted over the
-iterations where the channel had tokens, never 0 / 0 (a channel without tokens in a window
-has no loss value at all).
+per-token loss, loss tokens). With token accuracy on, ``K + 1`` more rows follow in the same
+order: (correct tokens, loss tokens) per channel, then ``"token acc"``. A window sums the
+tables of its iterations in float64; its loss for a channel is ``sum of its losses / sum of
+its tokens``, its accuracy ``correct / tokens``: exact, token-weighted over the iterations
+where the channel had tokens, never 0 / 0 (a channel without tokens in a window has no loss
+or accuracy value at all).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ChannelStats:
         total_tokens: all loss tokens over the window (``lm loss``'s count, untracked included).
         total_loss_sum: all losses over the window (``lm loss``'s sum).
         iterations: iterations added to the window.
+        correct: per channel, the loss tokens whose label was an argmax (None: accuracy off).
+        total_correct: all such tokens (``token acc``'s count; None: accuracy off).
     """
 
     names: tuple[str, ...]
@@ -38,21 +42,43 @@ class ChannelStats:
     total_tokens: float
     total_loss_sum: float
     iterations: int = 0
+    correct: tuple[float, ...] | None = None
+    total_correct: float | None = None
 
     @classmethod
     def from_totals(cls, names: Sequence[str], totals: Tensor | Sequence[Sequence[float]], iterations: int = 0):
-        """From a ``[K + 1, 2]`` totals table: rows channels then ``lm loss``, columns (sum, count)."""
+        """From a totals table: ``[K + 1, 2]``, or ``[2 (K + 1), 2]`` with the accuracy rows."""
         rows = totals.tolist() if isinstance(totals, Tensor) else [list(r) for r in totals]
-        if len(rows) != len(names) + 1 or any(len(r) != 2 for r in rows):
-            raise ValueError(f"totals must be [{len(names) + 1}, 2] (channels then lm loss), got {len(rows)} rows")
+        k = len(names)
+        if len(rows) not in (k + 1, 2 * (k + 1)) or any(len(r) != 2 for r in rows):
+            raise ValueError(
+                f"totals must be [{k + 1}, 2] (channels then lm loss) or [{2 * (k + 1)}, 2] (then the accuracy "
+                f"rows), got {len(rows)} rows"
+            )
+        accuracy = rows[k + 1 :]
         return cls(
             names=tuple(names),
-            loss_sums=tuple(float(r[0]) for r in rows[:-1]),
-            tokens=tuple(float(r[1]) for r in rows[:-1]),
-            total_tokens=float(rows[-1][1]),
-            total_loss_sum=float(rows[-1][0]),
+            loss_sums=tuple(float(r[0]) for r in rows[:k]),
+            tokens=tuple(float(r[1]) for r in rows[:k]),
+            total_tokens=float(rows[k][1]),
+            total_loss_sum=float(rows[k][0]),
             iterations=iterations,
+            correct=tuple(float(r[0]) for r in accuracy[:k]) if accuracy else None,
+            total_correct=float(accuracy[k][0]) if accuracy else None,
         )
+
+    @property
+    def has_accuracy(self) -> bool:
+        return self.correct is not None
+
+    def accuracy(self, i: int) -> float | None:
+        """Channel ``i``'s share of loss tokens predicted right; None when no tokens or accuracy off."""
+        return self.correct[i] / self.tokens[i] if self.correct is not None and self.tokens[i] > 0 else None
+
+    def token_acc(self) -> float | None:
+        """All loss tokens' accuracy; None when there were none or accuracy is off."""
+        ok = self.total_correct is not None and self.total_tokens > 0
+        return self.total_correct / self.total_tokens if ok else None
 
     def loss(self, i: int) -> float | None:
         """Token-weighted mean loss of channel ``i``; None when it had no tokens."""
@@ -74,15 +100,16 @@ class TotalsWindow:
     makes the host wait for the GPU; only ``take`` reads it.
     """
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], token_accuracy: bool = False):
         self.names = tuple(names)
+        self.rows = (len(self.names) + 1) * (2 if token_accuracy else 1)
         self._sum: Tensor | None = None
         self.iterations = 0
 
     def add(self, totals: Tensor) -> None:
         totals = totals.detach().to(torch.float64)
-        if totals.shape != (len(self.names) + 1, 2):
-            raise ValueError(f"totals must be [{len(self.names) + 1}, 2], got {list(totals.shape)}")
+        if totals.shape != (self.rows, 2):
+            raise ValueError(f"totals must be [{self.rows}, 2], got {list(totals.shape)}")
         self._sum = totals.clone() if self._sum is None else self._sum + totals
         self.iterations += 1
 
@@ -114,13 +141,13 @@ class ChannelAccountant:
 
     def __init__(self, config: ChannelConfig):
         self.config = config
-        names = config.channels
-        self._console = TotalsWindow(names)
-        self._tensorboard = TotalsWindow(names)
-        self._cumulative = TotalsWindow(names)
+        names, accuracy = config.channels, config.token_accuracy
+        self._console = TotalsWindow(names, accuracy)
+        self._tensorboard = TotalsWindow(names, accuracy)
+        self._cumulative = TotalsWindow(names, accuracy)
 
     def add_iteration(self, totals: Tensor) -> None:
-        """``totals``: ``[K + 1, 2]`` global (sum, count) of one iteration, channels then lm loss."""
+        """``totals``: the global table of one iteration (module docstring)."""
         for window in (self._console, self._tensorboard, self._cumulative):
             window.add(totals)
 

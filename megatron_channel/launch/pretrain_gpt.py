@@ -9,6 +9,7 @@ the NaN-free channel logging, all handed to ``megatron.training.pretrain``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -226,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
     check_channel_source(args, settings)
     config = settings.channel_config()
-    forward_step = make_forward_step(config)
     # A --yaml-cfg namespace holds only the YAML's keys.
     channel_loss = not getattr(args, "disable_channel_loss", False)
-    if not channel_loss:
-        forward_step = stock_forward_step(forward_step)
+    if channel_loss:
+        forward_step = make_forward_step(config)
+    else:  # the stock arm computes nothing of ours, token accuracy included
+        forward_step = stock_forward_step(make_forward_step(dataclasses.replace(config, token_accuracy=False)))
     forward_step = with_loss_checks(forward_step, args)
     if channel_loss:
         jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None

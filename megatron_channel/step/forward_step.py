@@ -12,6 +12,7 @@ from ..config import ChannelConfig
 from .layout import BatchLayout, Topology
 from .loss import channel_loss_func
 from .model_inputs import get_model_inputs
+from .token_accuracy import CorrectTokens, output_processor_with_correct_tokens
 
 
 def model_device(model) -> torch.device:
@@ -45,6 +46,10 @@ def make_forward_step(
         validate: check channel ids and ``cu_seqlens`` on TP rank 0 while the batch is
             still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
 
+    With ``config.token_accuracy`` the last pipeline stage calls the model with
+    ``output_processor=output_processor_with_correct_tokens`` (GPTModel's 0.19 hook), which
+    computes the correct-token flags in the model's own loss step (``token_accuracy``).
+
     Returns:
         ``forward_step(data_iterator, model, checkpoint_activations_microbatch=None, *,
         return_schedule_plan=False)`` returning
@@ -65,6 +70,17 @@ def make_forward_step(
         kwargs = dict(labels=inputs.labels, loss_mask=inputs.loss_mask)
         if pass_packed_seq_params:
             kwargs["packed_seq_params"] = inputs.packed_seq_params
+        correct_tokens = None
+        if config.token_accuracy and topo.last_stage:
+            if return_schedule_plan:
+                raise ValueError(
+                    "ChannelConfig(token_accuracy=True) computes the correct tokens in GPTModel.forward's "
+                    "output_processor, which the combined 1F1B schedule plan does not call; turn token "
+                    "accuracy off (--channel-token-accuracy) or use another schedule"
+                )
+            correct_tokens = CorrectTokens()
+            kwargs.update(output_processor=output_processor_with_correct_tokens,
+                          output_processor_context=correct_tokens)
         if return_schedule_plan:
             output = get_attr_wrapped_model(model, "build_schedule_plan")(*args, **kwargs)
         else:
@@ -77,6 +93,7 @@ def make_forward_step(
             packed_seq_params=inputs.packed_seq_params,
             cp_size=topo.cp_size,
             validate=False,
+            correct_tokens=correct_tokens,
         )
         return output, loss_func
 

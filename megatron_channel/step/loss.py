@@ -7,10 +7,11 @@ from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..channel_logging.names import LM_LOSS_KEY
+from ..channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY
 from ..config import ChannelConfig
 from ..segment_math import channel_totals, local_boundaries, row_channel_totals, sequence_stats
 from .checks import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
+from .token_accuracy import CorrectTokens
 
 
 def packed_boundaries(packed_seq_params: PackedSeqParams) -> Tensor:
@@ -55,6 +56,7 @@ def channel_loss_func(
     packed_seq_params: PackedSeqParams | None = None,
     cp_size: int | None = None,
     validate: bool | None = None,
+    correct_tokens: CorrectTokens | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Megatron's stock GPT loss, with a ``[loss_sum, token_count]`` metric per channel.
 
@@ -72,13 +74,18 @@ def channel_loss_func(
         validate: check ``channels`` and ``cu_seqlens`` values on the host. Default: unless
             ``channels`` is on a GPU. Checks read values, so never turn them on for
             GPU tensors in a training loop; validate where the batch is built instead.
+        correct_tokens: with ``config.token_accuracy``, the correct-token flags of these tokens
+            (``[b, s]`` / ``[1, T_local]``, 1.0 where the label is an argmax of the logits), or the
+            ``CorrectTokens`` the model's loss step filled (``make_forward_step`` passes it).
 
     Returns:
         ``loss`` (float32 scalar) and ``num_tokens`` (int32 scalar), bitwise Megatron's stock
         values, and ``metrics``: ``"lm loss"`` -> ``[sum, count]`` as stock, then for every
         channel in config order ``prefix + name`` -> float32 ``[2]`` ``[sum, count]`` on this
         rank (``[0, 0]`` when absent). The key set never changes, so every microbatch on every
-        rank reports the same keys in the same order.
+        rank reports the same keys in the same order. With ``config.token_accuracy``, also
+        ``"token acc"`` -> ``[correct tokens, loss tokens]`` after ``"lm loss"``, and beside each
+        channel's loss key its accuracy key -> ``[correct tokens, loss tokens]``.
     """
     if validate is None:
         validate = not (isinstance(channels, Tensor) and channels.device.type != "cpu")
@@ -101,15 +108,41 @@ def channel_loss_func(
         rows = output_tensor.shape[0]
         if validate:
             check_row_channels(channels, rows)
-        totals = row_channel_totals(masked_losses, mask, rows, channels, config.num_channels)
+
+        def per_channel(values):
+            return row_channel_totals(values, mask, rows, channels, config.num_channels)
     else:
         cp = default_cp_size() if cp_size is None else cp_size
         cu = packed_boundaries(packed_seq_params)
         if validate:
             check_cu_seqlens(cu, losses.numel() * cp, cp_size=cp)
             check_packed_channels(channels, cu)
-        segment_stats = sequence_stats(masked_losses, mask, local_boundaries(cu, cp))
-        totals = channel_totals(segment_stats, channels.reshape(-1)[: cu.numel() - 1], config.num_channels)
+        boundaries, sequence_channels = local_boundaries(cu, cp), channels.reshape(-1)[: cu.numel() - 1]
 
-    metrics.update(zip(config.metric_keys(), totals.unbind(0)))
+        def per_channel(values):
+            return channel_totals(sequence_stats(values, mask, boundaries), sequence_channels, config.num_channels)
+
+    totals = per_channel(masked_losses)
+    if not config.token_accuracy:
+        metrics.update(zip(config.metric_keys(), totals.unbind(0)))
+        return loss, num_tokens, metrics
+    masked_correct = correct_flags(correct_tokens, mask, validate) * mask
+    metrics[TOKEN_ACC_KEY] = torch.stack([masked_correct.sum(), mask.sum()])
+    accuracy = per_channel(masked_correct)
+    for key, acc_key, total, correct in zip(config.metric_keys(), config.accuracy_keys(), totals, accuracy):
+        metrics[key], metrics[acc_key] = total, correct
     return loss, num_tokens, metrics
+
+
+def correct_flags(correct_tokens: CorrectTokens | Tensor | None, mask: Tensor, validate: bool) -> Tensor:
+    """``[T]`` float32 flags of ``correct_tokens`` (a tensor or the filled ``CorrectTokens``)."""
+    flags = correct_tokens.flags if isinstance(correct_tokens, CorrectTokens) else correct_tokens
+    if flags is None:
+        raise ValueError(
+            "ChannelConfig(token_accuracy=True) needs the correct-token flags: use make_forward_step(config), "
+            "whose model call computes them, or pass correct_tokens= to channel_loss_func"
+        )
+    flags = flags.detach().reshape(-1).float()
+    if validate and flags.numel() != mask.numel():
+        raise ValueError(f"correct_tokens has {flags.numel()} elements but loss_mask has {mask.numel()}")
+    return flags

@@ -1,0 +1,83 @@
+"""Which loss tokens the model predicted: the label is an argmax of the logits (ties count).
+
+Computed inside ``GPTModel``'s own loss step through its ``output_processor`` hook (0.19):
+``output_processor_with_correct_tokens`` runs the same ops as GPTModel's stock postprocess
+(output layer, logit scaling, ``compute_language_model_loss``, whichever cross-entropy
+fusion is configured), so the loss and its gradients are bitwise the stock ones; before the
+cross entropy (which works in place on the logits) it reads the logits once more for the
+correct-token flags:
+
+* this rank's vocabulary shard: its max logit and, where the label falls in the shard, the
+  label's logit, per token (no autograd history, no copy of the logits);
+* under tensor parallelism, ONE all-reduce (MAX) of those two ``[s, b]`` float32 rows over
+  the TP group: the global max, and the label's logit from the rank that holds it;
+* correct = label's logit == global max: Megatron's vocab-parallel rule, where a target whose
+  logit minus the max is 0 is an argmax, ties included.
+
+No value is read on the host. The flags land in the ``CorrectTokens`` passed as the hook's
+context, where ``channel_loss_func`` reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CorrectTokens:
+    """One microbatch's correct-token flags, written by the model's loss step.
+
+    Attributes:
+        flags: ``[b, s]`` float32, 1.0 where the label is an argmax of the logits (the layout of
+            the per-token losses GPTModel returns); None until the forward pass ran.
+    """
+
+    flags: Tensor | None = None
+
+
+def target_is_argmax(logits: Tensor, labels: Tensor, tp_group=None, vocab_is_sharded: bool = True) -> Tensor:
+    """``[b, s]`` float32 flags: 1.0 where ``labels`` is an argmax of ``logits`` (ties count).
+
+    Args:
+        logits: ``[s, b, V / tp]``, this TP rank's vocabulary shard (rank r holds ids
+            ``[r * V / tp, (r + 1) * V / tp)``, Megatron's ``VocabUtility`` rule).
+        labels: ``[b, s]`` token ids; ids outside ``[0, V)`` are never correct.
+        tp_group: the tensor-parallel group; None or one rank: no collective.
+        vocab_is_sharded: False when the logits already hold the whole vocabulary.
+    """
+    with torch.no_grad():
+        tp_size = torch.distributed.get_world_size(tp_group) if vocab_is_sharded and tp_group is not None else 1
+        shard = logits.shape[-1]
+        start = torch.distributed.get_rank(tp_group) * shard if tp_size > 1 else 0
+        target = labels.transpose(0, 1)  # [s, b]
+        in_shard = (target >= start) & (target < start + shard)
+        local_target = (target - start).clamp(0, shard - 1)
+        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = torch.where(in_shard, target_logit, float("-inf"))
+        shard_max = torch.amax(logits, dim=-1)
+        if tp_size > 1:
+            both = torch.stack([shard_max, target_logit]).float()
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+            shard_max, target_logit = both.unbind(0)
+        return (target_logit == shard_max).transpose(0, 1).float()
+
+
+def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_weight, labels, context,
+                                         compute_language_model_loss, scale_logits, runtime_gather_output=None,
+                                         **_):
+    """GPTModel's ``output_processor``: its stock logits and loss, plus ``context.flags``.
+
+    Returns what GPTModel returns without a hook: per-token losses ``[b, s]`` with labels,
+    logits ``[b, s, V / tp]`` without.
+    """
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+    logits = scale_logits(logits)
+    if labels is None:
+        return logits.transpose(0, 1).contiguous()
+    gathered = bool(runtime_gather_output) or bool(getattr(output_layer, "gather_output", False))
+    context.flags = target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
+                                     vocab_is_sharded=not gathered)
+    return compute_language_model_loss(labels, logits)

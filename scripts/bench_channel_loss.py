@@ -443,6 +443,14 @@ def targets(rows: list[dict], demo: dict | None) -> list[str]:
     return lines
 
 
+def megatron_version() -> str:
+    """The installed megatron-core release (its ``__version__`` appends the git hash of the
+    repository the process runs in, which is ours, not Megatron's)."""
+    from megatron.core import package_info
+
+    return f"{package_info.MAJOR}.{package_info.MINOR}.{package_info.PATCH}"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -511,7 +519,6 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-step-only", action="store_true", help=argparse.SUPPRESS)  # one process of it
     opts = parser.parse_args(argv)
 
-    import megatron.core
     from megatron_channel.testing import init_single_process_group
 
     torch.set_num_threads(1)
@@ -556,10 +563,11 @@ def main(argv=None) -> int:
                 "# Per-channel accounting: what it costs\n\n"
                 "Written by `python scripts/bench_channel_loss.py` (edit the script, not this file).\n\n"
                 f"- date: {stamp}\n- machine: {machine()}\n"
-                f"- torch {torch.__version__}, megatron-core {megatron.core.__version__}, Python {platform.python_version()}\n"
+                f"- torch {torch.__version__}, megatron-core {megatron_version()}, Python {platform.python_version()}\n"
                 f"- median of {runs} runs per variant after warm-up (loop: fewer at many sequences); one packed "
-                "microbatch per call; `ours+key-sync` adds a peer's per-microbatch all_gather_object + all_reduce "
-                "over a 1-rank gloo group\n\n"
+                "microbatch per call; every row of this file from this one run, nothing else running; `ms-swift` "
+                "is its current method from its description (per-token ids, index_add_, then an all_gather_object "
+                "of the key lists and an all_reduce every microbatch, over a 1-rank gloo group)\n\n"
                 "## Targets\n\n" + "\n".join(verdict) + "\n\n## Per microbatch\n\n" + HEADER + "\n"
                 + "\n".join(format_row(r) for r in rows)
                 + "\n\n## Token accuracy in the model's loss step\n\n" + ACCURACY_NOTE + "\n\n" + LOGITS_HEADER + "\n"

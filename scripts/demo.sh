@@ -16,7 +16,9 @@ else
 fi
 python scripts/make_tiny_data.py --out runs/tiny_data
 rm -rf "$RUN_DIR"  # a fresh run: its jsonl and TensorBoard events start empty
-RUN_DIR="$RUN_DIR" NPROC="$NPROC" ./configs/tiny_gpt_blend.sh "${DEVICE_FLAGS[@]}" "$@" 2>&1 | tee "$RUN_DIR.log"
+# --channel-token-accuracy: each channel's token accuracy beside its loss (the PNG's middle panel).
+RUN_DIR="$RUN_DIR" NPROC="$NPROC" ./configs/tiny_gpt_blend.sh "${DEVICE_FLAGS[@]}" --channel-token-accuracy "$@" \
+    2>&1 | tee "$RUN_DIR.log"
 python scripts/plot_channels.py "$RUN_DIR/tensorboard/channels.jsonl" -o "$RUN_DIR/channels.png" \
     --title "tiny GPT on a 3-channel blend through Megatron's pretrain() (${DEVICE_FLAGS[*]:-GPU}, $NPROC ranks)"
 echo "console log:        $RUN_DIR.log"

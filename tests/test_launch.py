@@ -46,7 +46,8 @@ def _launch_worker(rank, world_size, data_dir):
     import megatron.training
 
     from megatron_channel.launch import pretrain_gpt as launch
-    from megatron_channel.channel_logging import installed_channel_logger, uninstall_channel_logging
+    from megatron_channel import uninstall_channel_logging
+    from megatron_channel.channel_logging.install import installed_channel_logging
     from megatron_channel.testing import init_parallel, tiny_gpt
 
     demo = write_blend(data_dir)
@@ -56,7 +57,7 @@ def _launch_worker(rank, world_size, data_dir):
     launch.main(megatron_argv(data_dir, "--channels-from-blend", "easy", "easy", "hard",
                               "--tensorboard-dir", f"{data_dir}/tb"))
     container, provider, model_type, forward_step = recorded[0]
-    logger = installed_channel_logger()
+    logger = installed_channel_logging()
     assert logger is not None and logger.config.metric_keys() == ["loss_easy", "loss_hard"]
     assert logger.jsonl_path == f"{data_dir}/tb/channels.jsonl"
 
@@ -137,7 +138,7 @@ def _stock_worker(rank, world_size, data_dir):
     import megatron.training
 
     from megatron_channel.launch import pretrain_gpt as launch
-    from megatron_channel.channel_logging import installed_channel_logger
+    from megatron_channel.channel_logging.install import installed_channel_logging
     from megatron_channel.testing import init_parallel, tiny_gpt
 
     write_blend(data_dir)
@@ -151,7 +152,7 @@ def _stock_worker(rank, world_size, data_dir):
     output, loss_func = forward_step(iter([batch]), tiny_gpt(vocab_size=64, seq_length=32))
     loss, num_tokens, metrics = loss_func(output)
     expected = torch.sum(output.view(-1).float() * batch["loss_mask"].view(-1).float())
-    return dict(keys=list(metrics), logging=installed_channel_logger() is not None,
+    return dict(keys=list(metrics), logging=installed_channel_logging() is not None,
                 equal=bool(torch.equal(loss, expected)), tokens=int(num_tokens))
 
 

@@ -22,36 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, make_forward_step
-from megatron_channel.cpu.cuda_on_cpu import CudaDevicesOnCpu
 from megatron_channel.step.batch_forms import canonical_batch, default_position_ids
-from megatron_channel.testing import block_causal_mask, init_parallel, run_distributed, tiny_gpt
+from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
 
 VOCAB, S, ROWS = 64, 16, 3
 CONFIG = ChannelConfig(["math", "code", "chat"])
-
-
-class PackedOnCpu(torch.nn.Module):
-    """GPTModel with Megatron's local attention, which refuses ``packed_seq_params``: a packed
-    stream runs with the equivalent block-causal mask built from the ``cu_seqlens`` handed over.
-
-    Without a mask the local attention builds its causal mask on ``device="cuda"``; calls run
-    under ``CudaDevicesOnCpu`` (the CUDA stand-ins of ``--cpu``), which puts it on the CPU.
-    """
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.module = gpt
-
-    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
-        if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q_padded
-            attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q if cu is None else cu, tokens.shape[1])
-        return self.direct(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-
-    def direct(self, *args, **kwargs):
-        """GPTModel itself, called with these arguments."""
-        with CudaDevicesOnCpu():
-            return self.module(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +38,7 @@ def model(megatron_cpu):
         for param in gpt.parameters():
             if param.dim() >= 2:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
-    return PackedOnCpu(gpt)
+    return PackedAsBlockMask(gpt)
 
 
 def run(model, batch, layout=None):
@@ -326,7 +301,7 @@ def _tp_worker(rank, world_size):
     from megatron.core import parallel_state
 
     init_parallel(tp=2, seed=1234)
-    model = PackedOnCpu(tiny_gpt(vocab_size=VOCAB, seq_length=64, tp=2).eval())
+    model = PackedAsBlockMask(tiny_gpt(vocab_size=VOCAB, seq_length=64, tp=2).eval())
     group = parallel_state.get_tensor_model_parallel_group()
 
     def gathered_reference(tokens, positions, mask, labels, loss_mask, segments):

@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, make_forward_step, reduce_channel_metrics
-from megatron_channel.testing import block_causal_mask, run_distributed
+from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, run_distributed
 
 VOCAB = 64
 SEQ = 16
@@ -171,29 +171,14 @@ class CountingIterator:
 # --------------------------------------------------------------------------- model
 
 
-class CpuPackedModel(torch.nn.Module):
-    """Test harness around GPTModel: Megatron's local attention rejects ``packed_seq_params``,
-    so a packed stream runs with the equivalent block-causal mask built from the
-    ``cu_seqlens`` the library hands the model. Unpacked calls pass straight through."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.module = gpt
-
-    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
-        if packed_seq_params is not None:
-            attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q, tokens.shape[1])
-        return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
-
-
-def build_model(tp: int) -> CpuPackedModel:
+def build_model(tp: int) -> PackedAsBlockMask:
     from megatron_channel.testing import tiny_gpt
 
     # init_parallel seeded torch identically on every rank, so TP shards are consistent.
-    return CpuPackedModel(tiny_gpt(vocab_size=VOCAB, seq_length=SEQ, tp=tp)).eval()
+    return PackedAsBlockMask(tiny_gpt(vocab_size=VOCAB, seq_length=SEQ, tp=tp)).eval()
 
 
-def reference_token_ce(model: CpuPackedModel, batch: dict, packed: bool) -> list[list[float]]:
+def reference_token_ce(model: PackedAsBlockMask, batch: dict, packed: bool) -> list[list[float]]:
     """float64 cross entropy per token from the full (TP-gathered) logits, row by row."""
     from megatron.core import parallel_state
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
@@ -27,7 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_channel import BatchLayout, ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segment_math import thd_partition_index
 from megatron_channel.step.token_accuracy import target_is_argmax
-from megatron_channel.testing import block_causal_mask, init_parallel, run_distributed, tiny_gpt
+from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
 
 VOCAB, S = 64, 16
 CONFIG = ChannelConfig(["math", "code", "chat"], token_accuracy=True)
@@ -100,21 +99,7 @@ def test_target_is_argmax_over_a_vocabulary_split_on_two_gloo_ranks():
 # ----------------------------------------------------------------------------- the real model
 
 
-class PackedOnCpu(torch.nn.Module):
-    """GPTModel with a block-causal mask in place of ``packed_seq_params`` (Megatron's local
-    attention refuses THD metadata); every other argument, the output processor included, passes."""
-
-    def __init__(self, gpt):
-        super().__init__()
-        self.module = gpt
-
-    def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None, **kwargs):
-        if packed_seq_params is not None:
-            attention_mask = block_causal_mask(packed_seq_params.cu_seqlens_q, tokens.shape[1])
-        return self.module(tokens, position_ids, attention_mask, **kwargs)
-
-
-def build_model(tp: int = 1, seed: int = 1234) -> PackedOnCpu:
+def build_model(tp: int = 1, seed: int = 1234) -> PackedAsBlockMask:
     init_parallel(tp=tp, seed=seed)
     gpt = tiny_gpt(vocab_size=VOCAB, seq_length=64, tp=tp)
     gen = torch.Generator().manual_seed(seed)
@@ -124,7 +109,7 @@ def build_model(tp: int = 1, seed: int = 1234) -> PackedOnCpu:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.15)
         weight = gpt.output_layer.weight  # [V / tp, h]: rows 2k and 2k + 1 give equal logits
         weight[1::2] = weight[0::2]
-    return PackedOnCpu(gpt)
+    return PackedAsBlockMask(gpt)
 
 
 def causal(s=S):

@@ -13,7 +13,8 @@ CUDA assumptions, handled as follows:
    the local (non-Transformer-Engine) layer spec.
 
 The local attention asserts ``packed_seq_params is None``; ``block_causal_mask`` builds the
-equivalent block-diagonal causal mask so a packed row can run on a CPU.
+equivalent block-diagonal causal mask so a packed row can run on a CPU, and
+``PackedAsBlockMask`` wraps a model to do so for every packed call.
 Nothing else of Megatron is replaced.
 
 ``byte_tokenizer`` is a file-free chat tokenizer for Megatron's SFT dataset. None of this
@@ -100,6 +101,33 @@ def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor
     same = seq_id[:, None] == seq_id[None, :]
     causal = pos[None, :] <= pos[:, None]
     return ~(same & causal)[None, None]
+
+
+class PackedAsBlockMask(torch.nn.Module):
+    """A GPTModel whose packed (THD) calls run on Megatron's local attention, which refuses
+    ``packed_seq_params``: those become the equivalent ``block_causal_mask`` of their
+    ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``). Every other argument, the output
+    processor included, passes through. Calls run under ``CudaDevicesOnCpu``: without a mask
+    the local attention builds its causal mask on ``device="cuda"``.
+    """
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.module = gpt  # get_attr_wrapped_model unwraps through .module
+
+    def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None:
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            attention_mask = block_causal_mask(cu, tokens.shape[1])
+        return self.direct(tokens, position_ids, attention_mask, **kwargs)
+
+    def direct(self, *args, **kwargs):
+        """GPTModel itself, called with these arguments."""
+        from ..cpu.cuda_on_cpu import CudaDevicesOnCpu
+
+        with CudaDevicesOnCpu():
+            return self.module(*args, **kwargs)
 
 
 def init_single_process_group() -> None:

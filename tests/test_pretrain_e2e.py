@@ -225,7 +225,9 @@ def sft_flags(data_dir):
 def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     name = "sft_" + ("cp2" if parallel else "dp2")
-    run = runs(name, "--train-iters", "20", *parallel, **sft_flags,
+    # CP=2 also logs token accuracy: packed rows, the CPU attention and context parallelism.
+    accuracy = ["--channel-token-accuracy"] if parallel else []
+    run = runs(name, "--train-iters", "20", *parallel, *accuracy, **sft_flags,
                channels=["--channel-config", os.path.join(ROOT, "configs", "channels.yaml")])
     # Packed rows carry a varying number of loss tokens (answers only); every one is in a
     # channel, and unlabeled.jsonl's lines count as `other`.
@@ -235,6 +237,12 @@ def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     assert sum(r.channels["other"].tokens for r in run.train_records()) > 0
     assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
         "math", "code", "chat", "other"}
+    for record in run.train_records() + run.validation_records():
+        assert (record.token_acc is not None) == bool(parallel)
+        if parallel:
+            tracked = [c for c in record.channels.values() if c.tokens]
+            assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
+                record.token_acc, rel=1e-9)
 
 
 ACCURACY = ["--channel-token-accuracy", "--channel-loss-name", "{channel}_loss",

@@ -11,7 +11,7 @@ from .channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY, TOKENS_PREFIX
 # Metric keys travel through TensorBoard and W&B tag paths, so whitespace and "/" (a tag
 # separator) would split one curve into several; control characters break the event files.
 _BAD_KEY_CHARS = re.compile(r"[\s/\x00-\x1f\x7f]")
-CHANNEL_FIELD = "channel"
+TEMPLATE_FIELD = "channel"  # the one replacement field of a name template: {channel}
 DEFAULT_PREFIX = "loss_"
 DEFAULT_ACCURACY_NAME = "token_acc_{channel}"
 
@@ -42,11 +42,11 @@ def check_name_template(template, what: str) -> tuple[str, str]:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise ValueError(f"{what} = {template!r} is not a valid name template ({e}); write e.g. '{{channel}}_loss'")
-    if fields != [CHANNEL_FIELD]:
+    if fields != [TEMPLATE_FIELD]:
         raise ValueError(
             f"{what} = {template!r} must hold {{channel}} exactly once and no other field; write e.g. '{{channel}}_loss'"
         )
-    before, after = template.split("{channel}")
+    before, after = template.split("{" + TEMPLATE_FIELD + "}")
     if not before and not after:
         raise ValueError(f"{what} = {template!r} would name the curve after the bare channel; add a prefix or suffix")
     if before.startswith(TOKENS_PREFIX):

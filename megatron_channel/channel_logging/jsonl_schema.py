@@ -22,7 +22,6 @@ from typing import Any, ClassVar
 
 TRAIN_KIND = "train"
 VALIDATION_KIND = "validation"
-VALIDATION_SPLITS = ("validation", "test")
 
 
 @dataclass(frozen=True)

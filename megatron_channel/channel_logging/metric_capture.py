@@ -4,7 +4,8 @@
 it returns hands back Megatron's ``(loss, num_tokens, metrics)`` with the channel keys taken
 OUT of ``metrics`` and kept, per microbatch, as one ``[K + 1, 2]`` tensor (rows: channels in
 config order, then ``"lm loss"``; columns: summed per-token loss, loss tokens; with token
-accuracy ``K + 1`` more rows of correct and loss tokens, ``captured_keys``), still on the GPU. So stock code never sees a channel key: no NaN, and none of its K per-key all-reduces.
+accuracy ``K + 1`` more rows of correct and loss tokens, ``captured_keys``), still on the
+GPU. So stock code never sees a channel key: no NaN, and none of its K per-key all-reduces.
 This adds one small ``torch.stack`` per microbatch and no host sync or collective.
 ``all_reduce_totals`` then sums an iteration's rows and does ONE float64 all-reduce over the
 data-parallel x context-parallel group (``dp_cp_group``), giving the exact global totals.
@@ -60,7 +61,7 @@ def split_channel_metrics(metrics: Mapping[str, Tensor], config: ChannelConfig) 
             f"loss_func metrics have channel keys {unknown} that the logging config does not name "
             f"(it names {keys}): pass the same ChannelConfig to make_forward_step and install_channel_logging"
         )
-    rows = torch.stack([metrics[k].detach().view(-1).float() for k in keys])
+    rows = torch.stack([metrics[k].view(-1) for k in keys]).detach().float()
     taken = set(keys) - {LM_LOSS_KEY}
     rest = {k: v for k, v in metrics.items() if k not in taken}
     return rows, rest

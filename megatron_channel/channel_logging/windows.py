@@ -67,10 +67,6 @@ class ChannelStats:
             total_correct=float(accuracy[k][0]) if accuracy else None,
         )
 
-    @property
-    def has_accuracy(self) -> bool:
-        return self.correct is not None
-
     def accuracy(self, i: int) -> float | None:
         """Channel ``i``'s share of loss tokens predicted right; None when no tokens or accuracy off."""
         return self.correct[i] / self.tokens[i] if self.correct is not None and self.tokens[i] > 0 else None

@@ -77,7 +77,8 @@ class ChannelLoggingState:
         config: the channels.
         jsonl_path: where the last rank appends the records, or None.
         accountant: the console, TensorBoard and whole-run windows.
-        pending_train_totals: ``[K + 1, 2]`` of the iteration train_step just ran, for training_log.
+        pending_train_totals: the totals table (``windows``) of the iteration train_step just ran,
+            for training_log.
         pending_evals: one ``ChannelStats`` per evaluate call, for evaluate_and_print_results.
         iteration_line_seen: a Megatron iteration line was recognised at least once.
         intervals_without_line: log intervals that ended with no recognised iteration line.

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import ChannelBatchError, value_on_cpu
+from .checks import ChannelBatchError, is_integer_tensor, value_on_cpu
 from .layout import BOUNDARY_KEYS, SEQUENCE_KEYS
 
 ALIASES = {"input_ids": "tokens", "cu_seqlens_q": "cu_seqlens", "cu_seqlens_q_padded": "cu_seqlens_padded"}
@@ -117,7 +117,7 @@ def fill_legacy_padding(cu_seqlens: Tensor, argmin, name: str, validate: bool = 
     the index of the first -1, against them) and a list without -1 is returned as it is.
     Otherwise nothing is read: the replacement is a ``cummax``, a no-op on a list without -1.
     """
-    if cu_seqlens.dtype == torch.bool or cu_seqlens.is_floating_point() or cu_seqlens.numel() == 0:
+    if not is_integer_tensor(cu_seqlens) or cu_seqlens.numel() == 0:
         return cu_seqlens  # the checks name the dtype
     if validate and value_on_cpu(cu_seqlens) and not check_legacy_padding(cu_seqlens, argmin, name):
         return cu_seqlens
@@ -169,7 +169,7 @@ def host_max_seqlen(value, name: str, validate: bool = True) -> int | None:
         raise ChannelBatchError(f"batch field '{name}' = {value!r}; give an int or an integer tensor")
     if isinstance(value, int):
         return value
-    if value.is_floating_point() or value.dtype == torch.bool or value.dim() > 1:
+    if not is_integer_tensor(value) or value.dim() > 1:
         raise ChannelBatchError(
             f"batch field '{name}' has dtype {value.dtype} and shape {list(value.shape)}; give an int, a 0-d "
             "integer tensor or one value per row"

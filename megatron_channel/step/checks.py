@@ -18,6 +18,11 @@ class ChannelBatchError(ValueError):
     """A batch whose ``channels`` or ``cu_seqlens`` cannot be accounted exactly."""
 
 
+def is_integer_tensor(t: Tensor) -> bool:
+    """Whether ``t`` holds integers (bool, floating and complex dtypes do not count)."""
+    return not (t.dtype == torch.bool or t.is_floating_point() or t.is_complex())
+
+
 def check_channel_ids(channels: Tensor, num_channels: int) -> None:
     """``channels`` must be an integer tensor of ids in ``[-1, num_channels)``."""
     if not isinstance(channels, Tensor):
@@ -25,7 +30,7 @@ def check_channel_ids(channels: Tensor, num_channels: int) -> None:
             f"channels must be a torch integer tensor, got {type(channels).__name__}; "
             "build it with torch.tensor(ids, dtype=torch.long)"
         )
-    if channels.dtype == torch.bool or channels.is_floating_point() or channels.is_complex():
+    if not is_integer_tensor(channels):
         raise ChannelBatchError(
             f"channels must be an integer tensor, got dtype {channels.dtype}; "
             "build it with torch.tensor(ids, dtype=torch.long)"
@@ -49,7 +54,7 @@ def check_cu_seqlens(cu_seqlens: Tensor, row_length: int, *, cp_size: int = 1, e
     ``exact_end``). Under context parallelism every boundary is a multiple of ``2 * cp_size``
     and rows end exactly at ``row_length``, as Transformer Engine's THD partitioning needs.
     """
-    if cu_seqlens.dtype == torch.bool or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+    if not is_integer_tensor(cu_seqlens):
         raise ChannelBatchError(f"{name} must be an integer tensor (torch.int32), got dtype {cu_seqlens.dtype}")
     if cu_seqlens.dim() not in (1, 2) or cu_seqlens.shape[-1] < 2:
         raise ChannelBatchError(

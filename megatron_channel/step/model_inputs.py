@@ -53,15 +53,14 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
     """
     if not stage_reads_batch(layout, topo, data_iterator):
         return ModelInputs()
+    batch, max_seqlen = None, None
     if topo.is_tp_src:
-        batch, layout = read_batch(data_iterator, num_channels, layout, topo, device, validate)
-    else:
-        batch = None
+        batch, layout, max_seqlen = read_batch(data_iterator, num_channels, layout, topo, device, validate)
     if topo.tp_size > 1:
         batch = broadcast_batch(batch, topo.needed_keys(layout), layout, topo, device)
+        max_seqlen = None  # the receivers cannot know it without another collective; all use the row length
     if layout.packed:
-        return packed_inputs(batch, layout, topo)
-    batch.pop("max_seqlen", None)
+        return packed_inputs(batch, layout, topo, max_seqlen)
     if topo.cp_size > 1:
         batch.update(get_batch_on_this_cp_rank(
             {k: v for k, v in batch.items() if k != "channels"}, is_hybrid_cp=False, cp_group=topo.cp_group
@@ -78,8 +77,9 @@ def stage_reads_batch(layout: BatchLayout | None, topo: Topology, data_iterator)
 
 
 def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, topo: Topology,
-               device: torch.device, validate: bool) -> tuple[dict[str, Tensor], BatchLayout]:
-    """On TP rank 0: the next raw microbatch, checked on the CPU, in the contract's dtypes on ``device``."""
+               device: torch.device, validate: bool) -> tuple[dict[str, Tensor], BatchLayout, int | None]:
+    """On TP rank 0: the next raw microbatch, checked on the CPU, in the contract's dtypes on
+    ``device``; its layout; and the host ``max_seqlen`` it gave, at most the row length (or None)."""
     if data_iterator is None:
         middle = not (topo.first_stage or topo.last_stage)
         raise ChannelBatchError(
@@ -96,10 +96,7 @@ def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, top
         if max_seqlen is not None and layout.packed:
             check_max_seqlen(max_seqlen, raw.get("cu_seqlens_padded", raw["cu_seqlens"]), layout)
     batch = {key: to_contract(key, raw[key], layout, device) for key in keys}
-    if max_seqlen is not None and topo.tp_size == 1:
-        # TP receivers cannot know it without another collective; they use the row length.
-        batch["max_seqlen"] = min(max_seqlen, layout.seq_length)
-    return batch, layout
+    return batch, layout, None if max_seqlen is None else min(max_seqlen, layout.seq_length)
 
 
 def to_contract(key: str, value: Tensor, layout: BatchLayout, device: torch.device) -> Tensor:
@@ -126,7 +123,8 @@ def broadcast_batch(batch: dict | None, keys: list[str], layout: BatchLayout, to
     return out
 
 
-def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology) -> ModelInputs:
+def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
+                  max_seqlen: int | None = None) -> ModelInputs:
     """``[b, s]`` THD rows -> one ``[1, b * s]`` stream (cut for CP) and its ``PackedSeqParams``."""
     rows = {key: value.reshape(1, -1) for key, value in batch.items() if key in SEQUENCE_KEYS}
     cu = merge_packed_rows(batch["cu_seqlens"], layout.seq_length)
@@ -139,7 +137,7 @@ def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology)
         rows = {key: value.index_select(1, index) for key, value in rows.items()}
     # Without a host max_seqlen from the batch, the row length bounds every sequence;
     # reading the true maximum off the boundaries would cost a host sync.
-    max_seqlen = batch.get("max_seqlen", layout.seq_length)
+    max_seqlen = layout.seq_length if max_seqlen is None else max_seqlen
     packed_seq_params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ _numpy_sums_on_cpu = True
 
 
 def sums_with_numpy(tensor: Tensor) -> bool:
-    """Whether ``sequence_stats`` and ``channel_totals`` sum ``tensor`` with numpy.
+    """Whether ``sequence_stats``, ``channel_totals`` and ``sequence_channel_totals`` sum ``tensor`` with numpy.
 
     True for CPU tensors: there a scan is a serial loop of about 1 ns per token and every
     torch op costs microseconds of dispatch, while numpy sums segments in one vectorized,
@@ -61,72 +62,102 @@ def summing_like_a_gpu():
         _numpy_sums_on_cpu = previous
 
 
-def sequence_stats(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
-    """``[loss_sum, token_count]`` of each packed sequence ``[boundaries[i], boundaries[i+1])``.
+def sequence_stats(values: Tensor | Sequence[Tensor], boundaries: Tensor, count_rows: int = 1) -> Tensor:
+    """Each packed sequence's sum of every value row, for ``[boundaries[i], boundaries[i+1])``.
 
-    One pass over the tokens whatever the number of sequences: ``sequence_stats_reduceat``
-    where ``sums_with_numpy``, else ``sequence_stats_prefix``.
+    One pass over the tokens whatever the number of sequences and rows, every row read once:
+    ``sequence_stats_reduceat`` where ``sums_with_numpy``, else ``sequence_stats_prefix``. All
+    rows are cut at the same boundaries, so one loss-mask row serves as the token count of the
+    losses and of the correct-token flags alike.
 
     Args:
-        masked_losses: ``[T]`` float32 per-token loss times loss mask.
-        loss_mask: ``[T]`` float32.
+        values: ``V`` rows of ``T`` float32 per-token values, a ``[V, T]`` tensor or ``V`` tensors of
+            ``T`` elements (summed where they lie, not stacked), e.g. ``(masked losses, masked
+            correct-token flags, loss mask)``: sums first, then ``count_rows`` counts.
         boundaries: ``[N + 1]`` int32 or int64, non-decreasing, within ``[0, T]``, starting at
             0; zero-length sequences (repeated entries) and tokens after the last entry are
             allowed.
+        count_rows: how many trailing rows are token counts (the loss mask); on the torch path
+            they are scanned in float32, the sums in float64 (``sequence_stats_prefix``).
 
     Returns:
-        ``[2, N]`` float64 on the tokens' device: row 0 loss sums, row 1 token counts.
+        ``[V, N]`` float64 on the tokens' device: row ``v`` holds each sequence's sum of row ``v``.
     """
-    if sums_with_numpy(masked_losses):
-        return sequence_stats_reduceat(masked_losses, loss_mask, boundaries)
-    return sequence_stats_prefix(masked_losses, loss_mask, boundaries)
+    if sums_with_numpy(values if isinstance(values, Tensor) else values[0]):
+        return sequence_stats_reduceat(values, boundaries)
+    return sequence_stats_prefix(values, boundaries, count_rows)
 
 
-def sequence_stats_prefix(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
+def sequence_stats_prefix(values: Tensor | Sequence[Tensor], boundaries: Tensor, count_rows: int = 1) -> Tensor:
     """``sequence_stats`` by prefix sums and one gather at the ``N + 1`` boundaries (any device).
 
-    Reads no value on the host. The loss prefix is float64, so the difference of two large
-    prefix sums stays exact to ~1e-12 relative; the count prefix is float32, exact while the
-    microbatch has fewer than 2^24 tokens of 0/1 mask. Extra memory: 12 bytes per token (the
-    two prefixes).
+    Reads no value on the host. Each row is scanned into its own prefix and gathered at the
+    boundaries, the prefix freed before the next row's is built; one difference for all
+    rows. The sum rows' prefix is float64, so the difference of two large prefix sums stays
+    exact to ~1e-12 relative; the count rows' prefix is float32, exact while the microbatch
+    has fewer than 2^24 tokens of 0/1 mask. A row's sums do not depend on the rows beside it.
+    Extra memory: one prefix at a time, 8 bytes per token (a sum row's).
     """
-    tokens = masked_losses.numel()
-    loss_prefix = masked_losses.new_empty(tokens + 1, dtype=torch.float64)
-    loss_prefix[0] = 0
-    # Cast into the prefix buffer and scan in place: cumsum(dtype=float64) would allocate a
-    # second float64 copy of the tokens.
-    loss_prefix[1:].copy_(masked_losses).cumsum_(0)
-    count_prefix = loss_mask.new_empty(tokens + 1, dtype=torch.float32)
-    count_prefix[0] = 0
-    torch.cumsum(loss_mask, 0, out=count_prefix[1:])
-    at_boundaries = torch.stack([loss_prefix.index_select(0, boundaries), count_prefix.index_select(0, boundaries)])
-    return at_boundaries.diff(dim=1)
+    rows = values.unbind(0) if isinstance(values, Tensor) else values
+    tokens = rows[0].numel()
+    first_count = len(rows) - count_rows
+    at_boundaries = []
+    for i, row in enumerate(rows):
+        if i < first_count:
+            prefix = row.new_empty(tokens + 1, dtype=torch.float64)
+            prefix[0] = 0
+            # Cast into the prefix buffer and scan in place: cumsum(dtype=float64) would allocate
+            # a second float64 copy of the tokens.
+            prefix[1:].copy_(row).cumsum_(0)
+        else:
+            prefix = row.new_empty(tokens + 1, dtype=torch.float32)
+            prefix[0] = 0
+            torch.cumsum(row, 0, out=prefix[1:])
+        at_boundaries.append(prefix.index_select(0, boundaries))
+        del prefix  # before the next row's is allocated
+    gathered = torch.stack(at_boundaries)  # float64 with a sum row among them (type promotion)
+    if gathered.dtype != torch.float64:
+        gathered = gathered.double()
+    return gathered.diff(dim=1)
 
 
-def sequence_stats_reduceat(masked_losses: Tensor, loss_mask: Tensor, boundaries: Tensor) -> Tensor:
+def sequence_stats_reduceat(values: Tensor | Sequence[Tensor], boundaries: Tensor) -> Tensor:
     """``sequence_stats`` of CPU tensors by numpy's ``add.reduceat``; reads the values.
 
-    Each sequence is summed in float32 by numpy's pairwise summation (relative error ~1e-7,
-    like stock ``lm loss``, itself a float32 sum); counts are exact below 2^24 tokens per
-    sequence. The tokens are not copied.
+    Each sequence of each row is summed in float32 by numpy's pairwise summation (relative
+    error ~1e-7, like stock ``lm loss``, itself a float32 sum); counts are exact below 2^24
+    tokens per sequence. The tokens are not copied: a ``[V, T]`` tensor is cut in one call, a
+    sequence of rows one call per row (the same sums, bit for bit). Only the sequences that
+    start before the end of the tokens are cut: the zero-length ones after them (a fixed-length
+    sequence list's empty slots, ``compact_sequences``) cost nothing here.
     """
-    tokens = masked_losses.numel()
-    stats = np.zeros((2, boundaries.numel()), dtype=np.float64)
-    if tokens == 0:
-        return torch.from_numpy(stats[:, 1:])
-    losses, mask, bounds = masked_losses.numpy(), loss_mask.numpy(), boundaries.numpy()
-    # reduceat takes indices below T only, sums from the last index to the end, and gives
-    # x[i] instead of 0 for a repeated index: so clip the boundaries to T - 1, zero the
-    # sequences that became empty, and give the last token back to the sequence that ends at T.
-    clipped = np.minimum(bounds, tokens - 1)
-    stats[0] = np.add.reduceat(losses, clipped)
-    stats[1] = np.add.reduceat(mask, clipped)
-    stats = stats[:, :-1]
-    stats *= clipped[:-1] < clipped[1:]
-    last = int(np.searchsorted(bounds, tokens)) - 1  # the last sequence starting before T
-    if 0 <= last < stats.shape[1]:
-        stats[:, last] += (losses[-1], mask[-1])
+    sums, nonempty = _leading_sequence_sums(values, boundaries)
+    stats = np.zeros((sums.shape[0], boundaries.numel() - 1), dtype=np.float64)
+    np.copyto(stats[:, : sums.shape[1]], sums, where=nonempty)  # not a product: 0 * inf is no 0
     return torch.from_numpy(stats)
+
+
+def _leading_sequence_sums(values: Tensor | Sequence[Tensor], boundaries: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``sequence_stats_reduceat`` of the first ``n`` sequences, those that start before the end of
+    the tokens (every later one is empty): ``[V, n]`` float64 sums, right where ``[n]`` bool
+    ``nonempty`` holds and arbitrary where it does not (the caller zeroes or drops those)."""
+    stacked = isinstance(values, Tensor)
+    rows = values.numpy() if stacked else [row.numpy() for row in values]
+    bounds = boundaries.numpy()
+    # reduceat cuts at indices below T only and sums from the last one to the end of the tokens:
+    # cut at the boundaries below T, which start the first n sequences, the last of which ends
+    # at T unless tokens follow the last boundary (then that final piece is no sequence's, and
+    # is dropped). A repeated index gives x[i], not 0: hence ``nonempty``.
+    starts = bounds[: bounds.searchsorted(rows[0].shape[0])]
+    n = min(starts.shape[0], bounds.shape[0] - 1)
+    sums = np.empty((len(rows), n), dtype=np.float64)
+    if n:
+        if stacked:
+            sums[:] = np.add.reduceat(rows, starts, axis=1)[:, :n]
+        else:
+            for total, row in zip(sums, rows):
+                total[:] = np.add.reduceat(row, starts)[:n]
+    return sums, bounds[:n] < bounds[1 : n + 1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,63 +166,118 @@ def _channel_column(num_channels: int, device: torch.device) -> Tensor:
     return torch.arange(num_channels, device=device).view(-1, 1)
 
 
-def row_channel_totals(masked_losses: Tensor, loss_mask: Tensor, rows: int, channels: Tensor, num_channels: int) -> Tensor:
-    """Per-channel ``[loss_sum, token_count]`` of unpacked rows, one channel id per row.
+def _pick_columns(totals: Tensor, columns: Sequence[int] | None) -> Tensor:
+    """``totals[:, columns]`` (repeats allowed) without an index tensor, which a GPU would
+    have to receive from the host."""
+    return totals if columns is None else torch.stack([totals.select(1, c) for c in columns], 1)
 
-    A one-hot ``[K, R]`` matrix times the ``[R, 2]`` row sums: a handful of ops whatever the
-    device, so the CPU pays little dispatch and a GPU reads no value on the host. Untracked
-    rows (-1) match no channel. Sums are float64, so the product is exact to float64 rounding
-    and no TF32 matmul setting can touch it.
+
+def row_channel_totals(values: Tensor | Sequence[Tensor], rows: int, channels: Tensor, num_channels: int,
+                       columns: Sequence[int] | None = None) -> Tensor:
+    """Per-channel totals of every value row over unpacked rows, one channel id per row.
+
+    A one-hot ``[K, R]`` matrix times the ``[R, V]`` row sums: a handful of ops whatever the
+    device and the number of value rows, so the CPU pays little dispatch and a GPU reads no
+    value on the host. Untracked rows (-1) match no channel. Sums are float64, so the product
+    is exact to float64 rounding and no TF32 matmul setting can touch it.
 
     Args:
-        masked_losses, loss_mask: ``[R * s]`` float32 (no autograd history).
+        values: ``V`` value rows of ``R * s`` float32 (no autograd history), a ``[V, R * s]``
+            tensor or ``V`` tensors, e.g. ``(masked losses, loss mask)``.
         rows: R.
         channels: ``[R]`` integer channel id per row; ``-1`` = untracked (another length makes
             the product fail, never regroup the rows).
         num_channels: K.
+        columns: the value rows to return, in this order, repeats allowed (default all).
 
     Returns:
-        ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent), on the
-        tokens' device.
+        ``[K, V]`` (``[K, len(columns)]``) float32 per-channel totals (zeros when absent), on the
+        tokens' device: ``[loss_sum, token_count]`` for ``(masked losses, loss mask)``.
     """
-    row_sums = torch.cat([masked_losses, loss_mask]).view(2, rows, -1).sum(2, dtype=torch.float64)  # [2, R]
+    if isinstance(values, Tensor):
+        flat, count = values, values.shape[0]
+    else:
+        flat, count = torch.cat(list(values)), len(values)
+    row_sums = flat.reshape(count, rows, -1).sum(2, dtype=torch.float64)  # [V, R]
     one_hot = (_channel_column(num_channels, channels.device) == channels).to(torch.float64)  # [K, R]
-    return torch.mm(one_hot, row_sums.t()).float()
+    return _pick_columns(torch.mm(one_hot, row_sums.t()), columns).float()
 
 
-def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels: int) -> Tensor:
-    """Add each segment's ``[loss_sum, token_count]`` into its channel.
+def channel_totals(segment_stats: Tensor, segment_channels: Tensor, num_channels: int,
+                   columns: Sequence[int] | None = None) -> Tensor:
+    """Add each segment's sums (every value row) into its channel.
 
     Args:
-        segment_stats: ``[2, N]`` float64 or float32, ``[loss_sum, token_count]`` per segment.
+        segment_stats: ``[V, N]`` float64 or float32, e.g. ``[loss_sum, token_count]`` per segment
+            (``sequence_stats``).
         segment_channels: ``[N]`` integer channel id per segment; ``-1`` = untracked.
         num_channels: K.
+        columns: the rows of ``segment_stats`` to return, in this order, repeats allowed
+            (default all): ``(0, 2, 1, 2)`` of ``[loss, correct, count]`` gives per channel the two
+            pairs ``[loss_sum, token_count, correct, token_count]``.
 
     Returns:
-        ``[K, 2]`` float32 ``[loss_sum, token_count]`` per channel (zeros when absent), on the
+        ``[K, V]`` (``[K, len(columns)]``) float32 per-channel totals (zeros when absent), on the
         segments' device.
     """
-    # -1 (untracked) lands in an extra bin K that is dropped, so no data-dependent
-    # filtering (a host sync) is needed; valid ids 0..K-1 are unchanged.
-    bins = num_channels + 1
     if sums_with_numpy(segment_stats):
-        stats, ids = segment_stats.numpy(), segment_channels.numpy() % bins
-        totals = np.empty((bins, 2), dtype=np.float32)
-        totals[:, 0] = np.bincount(ids, stats[0], bins)
-        totals[:, 1] = np.bincount(ids, stats[1], bins)
-        return torch.from_numpy(totals[:num_channels])
+        return _bincount_totals(segment_stats.numpy(), segment_channels.numpy(), num_channels, columns)
+    # -1 (untracked) lands in an extra bin K that is dropped, so no data-dependent filtering (a
+    # host sync) is needed; valid ids 0..K-1 are unchanged.
+    bins = num_channels + 1
     ids = segment_channels.long().remainder(bins)
-    totals = segment_stats.new_zeros(bins, 2).index_add_(0, ids, segment_stats.t())
-    return totals[:num_channels].float()
+    totals = segment_stats.new_zeros(bins, segment_stats.shape[0]).index_add_(0, ids, segment_stats.t())
+    return _pick_columns(totals[:num_channels], columns).float()
+
+
+def _bincount_totals(stats: np.ndarray, channels: np.ndarray, num_channels: int, columns: Sequence[int] | None,
+                     counted: np.ndarray | None = None) -> Tensor:
+    """``channel_totals`` of numpy stats, one float64 ``bincount`` per row; segments where the
+    bool ``counted`` is False count in no channel."""
+    # -1 (untracked) lands in an extra bin 0 that is dropped: ids + 1 is cheaper than a modulo,
+    # and bincount wants intp.
+    ids = np.add(channels, 1, dtype=np.intp)
+    if counted is not None:
+        ids *= counted
+    sums = [np.bincount(ids, row, num_channels + 1) for row in stats]
+    picked = range(len(sums)) if columns is None else columns
+    totals = np.empty((num_channels + 1, len(picked)), dtype=np.float32)
+    for j, row in enumerate(picked):
+        totals[:, j] = sums[row]
+    return torch.from_numpy(totals[1:])
+
+
+def sequence_channel_totals(values: Tensor | Sequence[Tensor], boundaries: Tensor, segment_channels: Tensor,
+                            num_channels: int, columns: Sequence[int] | None = None, count_rows: int = 1) -> Tensor:
+    """``channel_totals(sequence_stats(values, boundaries, count_rows), segment_channels, ...)``.
+
+    The same numbers in one call: where ``sums_with_numpy``, only the sequences that start
+    before the end of the tokens are summed and binned, so the empty slots after them cost nothing
+    (a bincount adds the slots of one bin one after another, each waiting for the last).
+
+    Args:
+        values, boundaries, count_rows: as ``sequence_stats``.
+        segment_channels: integer channel id per sequence, ``-1`` = untracked: ``N`` or more
+            entries, those past ``N`` ignored (a flattened ``channels`` as the batch holds it).
+        num_channels, columns: as ``channel_totals``.
+
+    Returns:
+        ``[K, V]`` (``[K, len(columns)]``) float32 per-channel totals, on the tokens' device.
+    """
+    if sums_with_numpy(values if isinstance(values, Tensor) else values[0]):
+        sums, nonempty = _leading_sequence_sums(values, boundaries)
+        return _bincount_totals(sums, segment_channels.numpy()[: sums.shape[1]], num_channels, columns, nonempty)
+    stats = sequence_stats_prefix(values, boundaries, count_rows)
+    return channel_totals(stats, segment_channels[: stats.shape[1]], num_channels, columns)
 
 
 def merge_packed_rows(cu_seqlens: Tensor, row_length: int) -> Tensor:
     """Concatenate per-row cumulative lengths into one sequence list over all rows.
 
     A THD micro-batch of R rows of ``row_length`` tokens is fed to the model as one
-    ``[1, R * row_length]`` stream. Each row's trailing padding entries (equal to
-    ``row_length``) stay in place as zero-length sequences, so the result's shape is fixed
-    and sequence ``j * (L - 1) + i`` is sequence ``i`` of row ``j``.
+    ``[1, R * row_length]`` stream; sequence ``j * (L - 1) + i`` of the result is sequence
+    ``i`` of row ``j`` (padding entries stay as zero-length sequences; ``compact_sequences``
+    removes them).
 
     Args:
         cu_seqlens: ``[R, L]`` integer; every row starts at 0 and ends at ``row_length``.
@@ -204,6 +290,76 @@ def merge_packed_rows(cu_seqlens: Tensor, row_length: int) -> Tensor:
     offsets = torch.arange(rows, device=cu_seqlens.device, dtype=cu_seqlens.dtype) * row_length
     shifted = cu_seqlens + offsets[:, None]
     return torch.cat([shifted[0, :1], shifted[:, 1:].reshape(-1)])
+
+
+def sequence_slots(lengths: Tensor, capacity: int) -> Tensor:
+    """Where each sequence goes when the empty ones are squeezed out of a list of ``capacity``.
+
+    Args:
+        lengths: ``[M]`` integer sequence lengths (the padded ones where sequences are padded).
+        capacity: C, the length of the compacted list.
+
+    Returns:
+        ``[M]`` int64: non-empty sequence ``i`` goes to slot ``k`` (it is the k-th non-empty
+        one, ``k < C``); every other sequence to its own slot ``C + i``, past the list, so the
+        indices are unique (a scatter stays deterministic). Non-empty sequences past the
+        capacity are dropped this way: ``compact_sequences``' callers check the count first.
+    """
+    keep = lengths > 0
+    slot = torch.cumsum(keep, 0) - 1
+    unused = capacity + torch.arange(lengths.numel(), device=lengths.device)
+    return torch.where(keep & (slot < capacity), slot, unused)
+
+
+def compact_boundaries(boundaries: Tensor, slots: Tensor, capacity: int) -> Tensor:
+    """``[M + 1]`` non-decreasing boundaries -> ``[C + 1]`` with only the slotted sequences.
+
+    Sequence ``i`` ends at ``boundaries[i + 1]``; the compacted list puts that end at
+    ``slots[i] + 1``. Slots no sequence took repeat the last end before them: zero-length
+    sequences, all at the end of the list.
+    """
+    ends = boundaries.new_zeros(capacity + slots.numel()).scatter_(0, slots, boundaries[1:])
+    ends = torch.cummax(ends[:capacity], dim=0).values
+    return torch.cat([boundaries[:1], ends])
+
+
+def compact_sequences(cu_seqlens: Tensor, row_length: int, capacity: int, cu_seqlens_padded: Tensor | None = None,
+                      channels: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Merge packed rows into one THD sequence list of fixed length with no empty sequences but at its end.
+
+    Rows of a microbatch reach attention as one ``[1, R * row_length]`` stream. Padding
+    entries of ``cu_seqlens`` (Megatron's SFT rows pad it to ``row_length + 1`` entries) would
+    be zero-length sequences, thousands per microbatch, which attention kernels launch work
+    for; here the non-empty sequences come first, in order, and only ``capacity - n`` empty
+    ones follow, so the list's length is fixed (tensor-parallel ranks allocate it) and small.
+    A sequence is empty when its padded length is 0 (``cu_seqlens_padded`` where given).
+
+    Args:
+        cu_seqlens: ``[R, L]`` integer cumulative lengths per row, each row starting at 0 (and
+            ending at ``row_length`` when ``R > 1``).
+        row_length: tokens per row.
+        capacity: C, sequences in the result; at least the number of non-empty sequences
+            (checked by the caller; the excess would be dropped).
+        cu_seqlens_padded: ``[R, L]`` padded boundaries, or None.
+        channels: ``[R, >= L - 1]`` channel id per sequence, or None.
+
+    Returns:
+        ``cu_seqlens`` ``[C + 1]``, ``cu_seqlens_padded`` ``[C + 1]`` (or None) in the input
+        dtypes, and ``channels`` ``[C]`` (-1 on empty slots, or None). Shapes depend only on
+        the input shapes and ``capacity``; nothing is read on the host.
+    """
+    merged = merge_packed_rows(cu_seqlens, row_length)
+    merged_padded = None if cu_seqlens_padded is None else merge_packed_rows(cu_seqlens_padded, row_length)
+    layout = merged if merged_padded is None else merged_padded
+    slots = sequence_slots(layout.diff(), capacity)
+    compact = compact_boundaries(merged, slots, capacity)
+    compact_padded = None if merged_padded is None else compact_boundaries(merged_padded, slots, capacity)
+    compact_channels = None
+    if channels is not None:
+        per_sequence = channels[:, : cu_seqlens.shape[1] - 1].reshape(-1)
+        compact_channels = per_sequence.new_full((capacity + slots.numel(),), -1).scatter_(0, slots, per_sequence)
+        compact_channels = compact_channels[:capacity]
+    return compact, compact_padded, compact_channels
 
 
 def thd_partition_index(cu_seqlens_padded: Tensor, total_tokens: int, cp_size: int, cp_rank: int) -> Tensor:

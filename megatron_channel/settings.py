@@ -52,6 +52,7 @@ from typing import Any, Literal
 import yaml
 
 from .config import DEFAULT_ACCURACY_NAME, DEFAULT_PREFIX, ChannelConfig, check_name_template, check_prefix
+from .step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW, MAX_SEQUENCES_FLAG, check_packed_args
 
 UNTRACKED_POLICIES = ("error", "other", "ignore")
 OTHER_CHANNEL = "other"
@@ -284,6 +285,10 @@ def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--untracked-channels", choices=UNTRACKED_POLICIES, default=None, action=_StoreOnce,
                        help="A sample without a known channel: error (default), other (extra channel "
                             "'other'), ignore (counted in lm loss only).")
+    group.add_argument(f"--{MAX_SEQUENCES_FLAG}", type=int, default=DEFAULT_MAX_SEQUENCES_PER_ROW,
+                       help="Packed rows (--sft, --dataloader-inter-document-masking): attention gets "
+                            "micro_batch_size times this many sequences per microbatch, the real ones first "
+                            f"(default {DEFAULT_MAX_SEQUENCES_PER_ROW}); a microbatch with more is an error.")
     group.add_argument("--channel-config", metavar="FILE.yaml", default=None, action=_StoreOnce,
                        help=f"YAML mapping with keys {list(SETTING_KEYS)}; a setting may not be given "
                             "both there and as a flag.")
@@ -297,6 +302,7 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
     Megatron's ``load_yaml`` / ``validate_yaml`` under ``--yaml-cfg``. Raises ``ValueError``
     naming the flag or YAML key for every invalid setting.
     """
+    check_packed_args(args)
     raw, labels = _merge_sources(_sources(args))
     channels = raw.get("channels")
     if channels is not None:

@@ -341,8 +341,7 @@ def _tp_worker(rank, world_size):
                              metrics={k: v.tolist() for k, v in metrics.items()},
                              want=gathered_reference(tokens, positions, mask, labels, loss_mask, segments))
     canonical, forms, segments = packed_forms(5)
-    layout = BatchLayout(1, S, packed=True, cu_seqlens_length=canonical["cu_seqlens"].shape[-1],
-                         cu_seqlens_padded="cu_seqlens_padded" in canonical)
+    layout = BatchLayout(1, S, packed=True, cu_seqlens_padded="cu_seqlens_padded" in canonical)
     mask = block_causal_mask(canonical.get("cu_seqlens_padded", canonical["cu_seqlens"])[0], S)
     want = gathered_reference(canonical["tokens"], canonical["position_ids"], mask, canonical["labels"],
                               canonical["loss_mask"], segments)

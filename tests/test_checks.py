@@ -143,6 +143,6 @@ def test_packed_fields_that_do_not_split_into_rows_are_named(model):
     batch = packed_batch([0, 5, 16], [0, 1])
     two_rows = {k: (v.expand(2, *v.shape[1:]) if k != "channels" else torch.tensor([0, 1, 0])) for k, v in batch.items()}
     two_rows["attention_mask"] = batch["attention_mask"].expand(2, 1, S, S)
-    forward_step = make_forward_step(CONFIG, BatchLayout(2, S, packed=True, cu_seqlens_length=3, attention_mask=True))
+    forward_step = make_forward_step(CONFIG, BatchLayout(2, S, packed=True, attention_mask=True))
     with pytest.raises(ChannelBatchError, match=r"batch field 'channels' has shape \[3\], which does not split into 2 rows"):
         forward_step(iter([two_rows]), model)

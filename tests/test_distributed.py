@@ -67,8 +67,9 @@ UNPACKED_PLANS = {
 
 # Packed microbatches per DP rank: per row, cu_seqlens (5 entries: up to 4 sequences,
 # padded with SEQ) and channel ids with one extra column past the 4 sequence slots.
-# Extra columns and zero-length padding sequences must not count.
-PACKED_LAYOUT = BatchLayout(MICRO_BATCH, SEQ, packed=True, cu_seqlens_length=5, attention_mask=True)
+# Extra columns and zero-length padding sequences must not count. Attention gets at most
+# 3 sequences per row (the most any row has).
+PACKED_LAYOUT = BatchLayout(MICRO_BATCH, SEQ, packed=True, max_sequences_per_row=3, attention_mask=True)
 PACKED_PLANS = {
     1: [[
         ([[0, 5, 9, 16, 16], [0, 16, 16, 16, 16]], [[0, 1, -1, 2, 2], [2, 0, 0, 0, 1]]),
@@ -289,6 +290,15 @@ def reference_means(per_microbatch_totals: list[dict]) -> dict[str, float]:
 # --------------------------------------------------------------------------- checks
 
 
+def compacted_channels(batch: dict) -> list[int]:
+    """The channels attention's sequence list carries: those of the non-empty sequences, row by
+    row, then -1 up to the layout's capacity."""
+    kept = [channel
+            for cu, channels in zip(batch["cu_seqlens"].tolist(), batch["channels"].tolist())
+            for start, end, channel in zip(cu, cu[1:], channels) if end > start]
+    return kept + [-1] * (PACKED_LAYOUT.sequence_capacity - len(kept))
+
+
 def check_iteration(results: list[dict], batches: dict, kind: str) -> None:
     packed = kind == "packed"
     per_rank = {(r["dp_rank"], r["tp_rank"]): r[kind] for r in results}
@@ -319,8 +329,8 @@ def check_iteration(results: list[dict], batches: dict, kind: str) -> None:
                 f"{kind}: dp {dp} tp {tp} got channels {other['channels_seen']}, tp 0 has {src['channels_seen']}"
             )
         for i, batch in enumerate(batches[kind][dp]):
-            expected = batch["channels"][:, : PACKED_LAYOUT.sequences_per_row].reshape(-1) if packed else batch["channels"]
-            assert src["channels_seen"][i] == expected.tolist(), f"{kind}: dp {dp} microbatch {i} channels mangled"
+            expected = compacted_channels(batch) if packed else batch["channels"].tolist()
+            assert src["channels_seen"][i] == expected, f"{kind}: dp {dp} microbatch {i} channels mangled"
 
     # Per-microbatch [sum, count] against the by-hand reference.
     all_totals = []

@@ -17,7 +17,10 @@ Checked, over a few hundred seeded random cases:
    Transformer Engine's THD rule (also compared with ``thd_partition_index``); each rank's
    metrics match a per-rank reference and their sum matches the global reference;
 4. a packed row through ``make_forward_step`` and the real model (block-causal mask) gives the
-   same per-channel numbers as running each sequence alone.
+   same per-channel numbers as running each sequence alone;
+5. packed rows with token accuracy (losses, correct-token flags and mask summed in one pass),
+   also in the fixed-length sequence list training hands the loss: the loss metrics bitwise as
+   without accuracy, the accuracy pairs exact counts by hand.
 
 Packed cases alternate between the two summing paths of ``megatron_channel.segment_math``
 (numpy for CPU tensors, the torch ops GPU tensors take), so both are checked on the model.
@@ -42,6 +45,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segment_math import summing_like_a_gpu, thd_partition_index
+from megatron_channel.step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW
 from megatron_channel.testing import (
     block_causal_mask,
     init_parallel,
@@ -392,6 +396,67 @@ def test_packed_rows_channel_loss_func(gpt, seed, gpu_summing_on_odd_seeds):
     check_channels(metrics, reference_packed(ce[0], mask, cu, channels, k), config, where)
 
 
+# --------------------------------------------------------------------------- 1b': packed rows, token accuracy
+
+ACCURACY_CASES = 40
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(ACCURACY_CASES))
+def test_packed_rows_with_token_accuracy(gpt, seed, gpu_summing_on_odd_seeds):
+    """The losses, the correct-token flags and the mask summed in one pass: every loss metric
+    bitwise what the loss reports without accuracy, every accuracy pair the exact count by hand,
+    keys in order, float32 [2]. Half the cases hand the fixed-length list training hands the
+    loss: the sequences, then zero-length slots of channel -1."""
+    rng, gen = random.Random(5000 + seed), torch.Generator().manual_seed(5000 + seed)
+    plain = random_config(rng)
+    config = ChannelConfig(plain.channels, prefix=plain.prefix, token_accuracy=True)
+    k = config.num_channels
+    total = rng.randint(1, MAX_SEQ)
+    cu = random_cu(rng, total, allow_short_end=True)
+    n = len(cu) - 1
+    channels = [rng.randint(-1, k - 1) for _ in range(n)]
+    if seed % 4 >= 2:  # the fixed-length list
+        empty = rng.randint(1, 24)
+        cu, channels = cu + [cu[-1]] * empty, channels + [-1] * empty
+    mask = []
+    for i in range(n):
+        mask += random_mask(rng, gen, cu[i + 1] - cu[i])
+    mask += random_mask(rng, gen, total - cu[n])
+    loss_mask = torch.tensor(mask)[None]
+    tokens = torch.randint(0, VOCAB, (1, total), generator=gen)
+    labels = torch.randint(0, VOCAB, (1, total), generator=gen)
+    output = model_losses(gpt, tokens, positions_restarting(cu, total), block_causal_mask(torch.tensor(cu), total),
+                          labels)
+    flags = (torch.rand(1, total, generator=gen) < rng.uniform(0, 1)).float()
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=as_cu_tensor(rng, cu), cu_seqlens_kv=None)
+
+    where = f"seed {seed} (total={total}, cu={cu}, channels={channels})"
+    _, _, without = channel_loss_func(output, loss_mask=loss_mask, channels=torch.tensor(channels), config=plain,
+                                      packed_seq_params=params, cp_size=1)
+    loss, num_tokens, metrics = channel_loss_func(output, loss_mask=loss_mask, channels=torch.tensor(channels),
+                                                  config=config, packed_seq_params=params, cp_size=1,
+                                                  correct_tokens=flags)
+    check_stock(loss, num_tokens, metrics, output, loss_mask, where)
+    assert list(metrics) == ["lm loss", "token acc", *[key for pair in zip(config.metric_keys(), config.accuracy_keys())
+                                                      for key in pair]], where
+    for key, value in without.items():
+        assert torch.equal(metrics[key], value), f"{where}: {key} {metrics[key]} != {value} without accuracy"
+    correct = [0] * k
+    counted = [0] * k
+    for j in range(total):
+        seq = sequence_of(j, cu)
+        if seq is not None and channels[seq] >= 0 and mask[j]:
+            counted[channels[seq]] += 1
+            correct[channels[seq]] += int(flags[0, j])
+    for c, key in enumerate(config.accuracy_keys()):
+        value = metrics[key]
+        assert value.dtype == torch.float32 and value.shape == (2,), f"{where}: {key} is {value!r}"
+        assert value.tolist() == [correct[c], counted[c]], f"{where}: {key} {value.tolist()}"
+    everything = [sum(int(f) for f, m in zip(flags[0].tolist(), mask) if m), sum(mask)]
+    assert metrics["token acc"].tolist() == everything, where
+
+
 # --------------------------------------------------------------------------- 1c: context parallelism
 
 
@@ -519,7 +584,10 @@ def test_packed_row_matches_sequences_alone(gpt, seed, gpu_summing_on_odd_seeds)
     where = f"seed {seed} (s={s}, cu={cu}, channels={channels})"
     params = model.seen_packed_seq_params[0]
     assert params is not None and params.qkv_format == "thd", f"{where}: model got {params}"
-    assert params.cu_seqlens_q.tolist() == cu, f"{where}: model got cu_seqlens_q {params.cu_seqlens_q.tolist()}"
+    # Attention gets the non-empty sequences, then zero-length ones up to the default bound.
+    kept = [0] + [b for a, b in zip(cu, cu[1:]) if b > a]
+    want_cu = kept + [kept[-1]] * (DEFAULT_MAX_SEQUENCES_PER_ROW + 1 - len(kept))
+    assert params.cu_seqlens_q.tolist() == want_cu, f"{where}: model got cu_seqlens_q {params.cu_seqlens_q.tolist()}"
     check_stock(loss, num_tokens, metrics, output, batch["loss_mask"], where)
 
     # Reference: every sequence alone, positions from 0, plain causal mask.

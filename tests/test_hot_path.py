@@ -109,7 +109,8 @@ def test_forward_step_batch_path_has_no_host_sync(cp_size):
         inputs = get_model_inputs(iter([batch]), 2, None, topo, torch.device("cpu"),
                                   validate=False)
     assert inputs.tokens.shape == (1, rows * s // cp_size)
-    assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 16, 24, 28, 32]
+    # The non-empty sequences of both rows, then zero-length ones up to 2 rows x 256 (the default bound).
+    assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 16, 24, 28, 32] + [32] * 507
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -134,7 +135,7 @@ def test_the_other_batch_forms_add_no_host_sync(packed):
     with forbid_host_sync():
         inputs = get_model_inputs(iter([batch]), 2, None, Topology(), torch.device("cpu"), validate=False)
     if packed:
-        assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 12, 16, 16, 16]
+        assert inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 12, 16] + [16] * 253
         assert inputs.position_ids.tolist() == [[*range(4), *range(8), *range(4)]]
         assert inputs.packed_seq_params.max_seqlen_q == s  # a tensor max_seqlen is not read here
     else:
@@ -169,3 +170,20 @@ def test_token_accuracy_adds_no_host_sync(gpu_summing, packed):
                                           config=config, packed_seq_params=psp, cp_size=1, validate=False,
                                           correct_tokens=flags.reshape(shape))
     assert metrics["token acc"].tolist() == [float(flags.sum()), 32.0]
+
+
+@pytest.mark.parametrize("cp_size", [1, 2])
+def test_token_accuracy_on_the_fixed_length_sequence_list_adds_no_host_sync(gpu_summing, cp_size):
+    """What training hands the loss: ``compact_sequences``' list of C slots, the real sequences
+    first, then zero-length ones (boundaries repeating the total, channel -1)."""
+    config = ChannelConfig([f"c{i}" for i in range(16)], token_accuracy=True)
+    cu = torch.tensor([0, 8, 40, 64, 64, 64, 64, 64, 64], dtype=torch.int32)
+    channels = torch.tensor([3, 15, 0, -1, -1, -1, -1, -1])
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    shape = (1, 64 // cp_size)
+    with forbid_host_sync():
+        _, _, metrics = channel_loss_func(torch.rand(shape), loss_mask=torch.ones(shape), channels=channels,
+                                          config=config, packed_seq_params=psp, cp_size=cp_size, validate=False,
+                                          correct_tokens=torch.ones(shape))
+    assert len(metrics) == 2 + 2 * 16
+    assert metrics["token_acc_c3"].tolist() == [8 / cp_size] * 2 and metrics["token_acc_c1"].tolist() == [0, 0]

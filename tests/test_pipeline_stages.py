@@ -12,6 +12,10 @@ import torch
 from megatron_channel.testing import run_distributed
 
 S = 16
+# What attention gets for the packed row [0, 5, S, S]: its two sequences, then zero-length ones
+# up to the default bound of 256 sequences per row.
+PACKED_CU = [0, 5, S] + [S] * 254
+PACKED_CHANNELS = [1, 0] + [-1] * 254
 
 
 def _stage_worker(rank, world_size, packed, pp=2, middle_has_data=True):
@@ -48,8 +52,8 @@ def test_each_pipeline_stage_gets_what_it_needs(packed):
     assert first["present"] == ["attention_mask", "position_ids", "tokens"]
     assert last["present"] == ["attention_mask", "channels", "labels", "loss_mask"]
     if packed:
-        assert first["cu"] == last["cu"] == [0, 5, S, S]
-        assert last["channels"] == [1, 0, -1]
+        assert first["cu"] == last["cu"] == PACKED_CU
+        assert last["channels"] == PACKED_CHANNELS
     else:
         assert first["cu"] is None and last["channels"] == [1, 0]
 
@@ -63,5 +67,5 @@ def test_middle_stage_gets_packed_metadata_only(packed):
     middle = results[1]
     assert (middle["first"], middle["last"]) == (False, False)
     assert middle["present"] == []
-    assert middle["cu"] == ([0, 5, S, S] if packed else None)
-    assert results[2]["channels"] == ([1, 0, -1] if packed else [1, 0])
+    assert middle["cu"] == (PACKED_CU if packed else None)
+    assert results[2]["channels"] == (PACKED_CHANNELS if packed else [1, 0])

@@ -221,12 +221,20 @@ def sft_flags(data_dir):
     )
 
 
-@pytest.mark.parametrize("parallel", [[], ["--context-parallel-size", "2"]], ids=["dp2", "cp2"])
-def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
+SFT_PARALLEL = {
+    "dp2": [],
+    "cp2": ["--context-parallel-size", "2"],
+    # Packed rows under pipeline parallelism take one row per microbatch (refused otherwise).
+    "pp2": ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SFT_PARALLEL))
+def test_packed_sft_from_jsonl(runs, sft_flags, layout, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    name = "sft_" + ("cp2" if parallel else "dp2")
+    name, parallel = "sft_" + layout, SFT_PARALLEL[layout]
     # CP=2 also logs token accuracy: packed rows, the CPU attention and context parallelism.
-    accuracy = ["--channel-token-accuracy"] if parallel else []
+    accuracy = ["--channel-token-accuracy"] if layout == "cp2" else []
     run = runs(name, "--train-iters", "20", *parallel, *accuracy, **sft_flags,
                channels=["--channel-config", os.path.join(ROOT, "configs", "channels.yaml")])
     # Packed rows carry a varying number of loss tokens (answers only); every one is in a
@@ -238,8 +246,8 @@ def test_packed_sft_from_jsonl(runs, sft_flags, parallel, monkeypatch):
     assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
         "math", "code", "chat", "other"}
     for record in run.train_records() + run.validation_records():
-        assert (record.token_acc is not None) == bool(parallel)
-        if parallel:
+        assert (record.token_acc is not None) == bool(accuracy)
+        if accuracy:
             tracked = [c for c in record.channels.values() if c.tokens]
             assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
                 record.token_acc, rel=1e-9)

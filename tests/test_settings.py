@@ -423,3 +423,47 @@ def test_channel_keys_survive_megatron_validate_yaml(tmp_path):
     args = validate_yaml(args, {})
     s = channel_settings_from_args(args)
     assert s.channel_config().metric_keys() == ["ch_math", "ch_code", "ch_other"]
+
+
+# ---------------------------------------------------------------- packed rows
+
+
+@pytest.mark.timeout(30)
+def test_max_packed_sequences_per_row_flag_sets_the_layout(parser):
+    from megatron_channel.step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW, BatchLayout
+
+    base = ["--channels", "math", "--seq-length", "4096", "--micro-batch-size", "2", "--sft"]
+    assert parser.parse_args(base).max_packed_sequences_per_row == DEFAULT_MAX_SEQUENCES_PER_ROW
+    args = parser.parse_args([*base, "--max-packed-sequences-per-row", "64", "--max-packed-sequences-per-row", "32"])
+    settings_of(parser, *base, "--max-packed-sequences-per-row", "32")
+    layout = BatchLayout.from_megatron_args(args)
+    assert layout.max_sequences_per_row == 32  # Megatron's habit: the last one wins
+    assert layout.sequence_capacity == 64 and layout.shapes()["cu_seqlens"] == (65,)
+    with pytest.raises(ValueError, match=r"--max-packed-sequences-per-row 0: give a positive number"):
+        settings_of(parser, *base, "--max-packed-sequences-per-row", "0")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv, match", [
+    (["--sft", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "2"],
+     r"--sft with --pipeline-model-parallel-size 2 needs --micro-batch-size 1 \(and --eval-micro-batch-size 1\), got 2"),
+    (["--dataloader-inter-document-masking", "--pipeline-model-parallel-size", "4", "--micro-batch-size", "1",
+      "--eval-micro-batch-size", "4"],
+     r"--dataloader-inter-document-masking with --pipeline-model-parallel-size 4 needs --micro-batch-size 1"),
+    (["--dataloader-inter-document-masking", "--context-parallel-size", "2"],
+     r"--dataloader-inter-document-masking with --context-parallel-size 2: document boundaries are not "
+     r"multiples of 2 \* context_parallel_size = 4.*drop --dataloader-inter-document-masking"),
+])
+def test_packed_rows_refuse_what_they_cannot_train_with_at_start_up(parser, argv, match):
+    with pytest.raises(ValueError, match=match):
+        settings_of(parser, "--channels", "math", *argv)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv", [
+    ["--sft", "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1"],
+    ["--sft", "--context-parallel-size", "2", "--micro-batch-size", "4"],
+    ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "4", "--context-parallel-size", "2"],
+])
+def test_packed_rows_accept_what_they_can_train_with(parser, argv):
+    settings_of(parser, "--channels", "math", *argv)

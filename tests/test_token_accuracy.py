@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -235,6 +236,57 @@ def test_context_parallel_ranks_sum_to_the_global_counts():
             for k in total:
                 total[k] += metrics[k]
         assert {k: v.tolist() for k, v in total.items()} == want, cp
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("summing", ["host", "torch"])
+@pytest.mark.parametrize("tail", [0, 5], ids=["ends at T", "tokens after the last boundary"])
+def test_one_pass_on_the_fixed_length_sequence_list_matches_float64_by_hand(summing, tail):
+    """Packed as training hands it (``compact_sequences``): real sequences first, some without a
+    loss token, then zero-length slots of channel -1; channel "code" never appears. Loss and
+    accuracy summed in one pass: every accuracy pair exact, every loss pair as without accuracy
+    (bit for bit) and as a float64 sum by hand."""
+    from megatron_channel.segment_math import summing_like_a_gpu
+
+    config = ChannelConfig(["math", "code", "chat", "other"], token_accuracy=True)
+    plain = ChannelConfig(["math", "code", "chat", "other"])
+    gen = torch.Generator().manual_seed(4 + tail)
+    real = [0, 7, 7, 19, 30, 41, 64]  # a zero-length sequence among the real ones too
+    ids = [0, 2, -1, 3, 0, 2]
+    slots = 16
+    total = real[-1] + tail
+    cu = torch.tensor(real + [real[-1]] * (slots - len(real) + 1), dtype=torch.int32)
+    channels = torch.tensor(ids + [-1] * (slots - len(ids)))
+    mask = (torch.rand(1, total, generator=gen) > 0.3).float()
+    mask[0, 19:30] = 0  # a sequence without loss tokens
+    losses = torch.rand(1, total, generator=gen) * 8
+    flags = (torch.rand(1, total, generator=gen) > 0.4).float()
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    with summing_like_a_gpu() if summing == "torch" else contextlib.nullcontext():
+        _, _, metrics = channel_loss_func(losses, loss_mask=mask, channels=channels, config=config,
+                                          packed_seq_params=psp, cp_size=1, validate=False, correct_tokens=flags)
+        _, _, plain_metrics = channel_loss_func(losses, loss_mask=mask, channels=channels, config=plain,
+                                                packed_seq_params=psp, cp_size=1, validate=False)
+    assert list(metrics) == ["lm loss", "token acc", *[k for pair in zip(config.metric_keys(), config.accuracy_keys())
+                                                      for k in pair]]
+    assert all(v.dtype == torch.float32 and v.shape == (2,) for v in metrics.values())
+    want = {key: [0.0, 0.0] for key in config.metric_keys() + config.accuracy_keys()}
+    for a, b, channel in zip(real, real[1:], ids):
+        if channel >= 0:
+            for t in range(a, b):
+                m = float(mask[0, t])
+                want[config.metric_keys()[channel]][0] += float(losses[0, t]) * m
+                want[config.accuracy_keys()[channel]][0] += float(flags[0, t]) * m
+                want[config.metric_keys()[channel]][1] += m
+                want[config.accuracy_keys()[channel]][1] += m
+    for key in config.accuracy_keys():
+        assert metrics[key].tolist() == want[key], key  # counts: exact
+    assert metrics["token_acc_code"].tolist() == [0.0, 0.0]
+    assert metrics["token acc"].tolist() == [float((flags * mask).sum()), float(mask.sum())]
+    for key in config.metric_keys():
+        assert torch.equal(metrics[key], plain_metrics[key]), key
+        assert metrics[key][1].item() == want[key][1], key
+        assert abs(metrics[key][0].item() - want[key][0]) <= 1e-5 * abs(want[key][0]) + 1e-5, key
 
 
 @pytest.mark.timeout(30)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import BOUNDARY_KEYS, BatchLayout, broadcasts_to
+from .layout import BOUNDARY_KEYS, MAX_SEQUENCES_FLAG, BatchLayout, broadcasts_to
 
 
 class ChannelBatchError(ValueError):
@@ -205,6 +205,9 @@ def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: 
             strict = key == "cu_seqlens_padded" or not has_padded
             check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size if strict else 1,
                              exact_end=strict or rows > 1, name=key)
+    boundaries = raw["cu_seqlens_padded" if has_padded else "cu_seqlens"] if layout.packed else None
+    if layout.packed and value_on_cpu(boundaries):
+        check_sequence_count(boundaries, layout)
     if not layout.packed and cp_size > 1 and layout.seq_length % (2 * cp_size):
         raise ChannelBatchError(
             f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"
@@ -218,28 +221,51 @@ def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: 
 
 
 def check_shapes(raw: dict, keys: list[str], layout: BatchLayout) -> None:
-    """Every field exactly as ``layout.shapes()`` says: tensor-parallel receivers allocate from it."""
+    """Every field in the shape ``layout`` implies: tensor-parallel receivers allocate from it.
+
+    Sequence fields are exactly ``[b, s]``; packed rows' ``cu_seqlens`` (and
+    ``cu_seqlens_padded``, the same shape) are ``[b, L]`` for any ``L`` and ``channels``
+    ``[b, >= L - 1]``, since they reach the receivers merged into the layout's fixed length.
+    """
     shapes = layout.shapes()
     if "attention_mask" in keys:
         keys = [k for k in keys if k != "attention_mask"] + ["attention_mask"]
+    rows = layout.micro_batch_size
+    entries = raw["cu_seqlens"].numel() // rows if layout.packed else 0
     for key in keys:
-        value, expected = raw[key], shapes[key]
+        value = raw[key]
         if key == "attention_mask":
             check_attention_mask(value, layout)
         if key == "channels" and layout.packed:
-            ok = value.numel() % expected[0] == 0 and value.numel() // expected[0] >= expected[1]
-            wanted = f"[{expected[0]}, >= {expected[1]}]"
+            ok, wanted = value.numel() // rows >= entries - 1, f"[{rows}, >= {entries - 1}]"
         elif key in BOUNDARY_KEYS:
-            ok, wanted = value.numel() == expected[0] * expected[1], str(list(expected))
+            ok, wanted = value.numel() == rows * entries, f"[{rows}, {entries}] like cu_seqlens"
         else:
-            ok, wanted = tuple(value.shape) == expected, str(list(expected))
+            ok, wanted = tuple(value.shape) == shapes[key], str(list(shapes[key]))
         if not ok:
             fix = ("; under tensor parallelism give the mask's shape as BatchLayout(attention_mask=shape)"
                    if key == "attention_mask" else "")
             raise ChannelBatchError(
                 f"batch field '{key}' has shape {list(value.shape)}, expected {wanted} "
-                f"(from micro_batch_size, seq_length and cu_seqlens_length of the BatchLayout){fix}"
+                f"(from micro_batch_size and seq_length of the BatchLayout){fix}"
             )
+
+
+def check_sequence_count(boundaries: Tensor, layout: BatchLayout) -> None:
+    """A packed microbatch may hold at most ``layout.sequence_capacity`` non-empty sequences.
+
+    Args:
+        boundaries: ``[b, L]`` CPU boundaries, the padded ones where the batch has them.
+    """
+    lengths = boundaries.reshape(layout.micro_batch_size, -1).long().diff(dim=1)
+    per_row = (lengths > 0).sum(1).tolist()
+    if sum(per_row) > layout.sequence_capacity:
+        raise ChannelBatchError(
+            f"the microbatch packs {sum(per_row)} sequences (per row: {per_row}), more than micro_batch_size "
+            f"{layout.micro_batch_size} x --{MAX_SEQUENCES_FLAG} {layout.max_sequences_per_row} = "
+            f"{layout.sequence_capacity}, the sequences attention is handed; raise --{MAX_SEQUENCES_FLAG} "
+            "(BatchLayout(max_sequences_per_row=...)) or pack fewer, longer sequences per row"
+        )
 
 
 def check_max_seqlen(max_seqlen: int, cu_seqlens: Tensor, layout: BatchLayout) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import torch
@@ -19,6 +20,24 @@ def model_device(model) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def uses_cuda_graphs(model) -> bool:
+    """Whether the model's layers replay CUDA graphs (``--cuda-graph-impl``), which hold the
+    captured non-tensor arguments, ``PackedSeqParams.max_seqlen`` included, fixed."""
+    model_config = get_attr_wrapped_model(model, "config", allow_none=True)
+    return getattr(model_config, "cuda_graph_impl", "none") not in (None, "none") or bool(
+        getattr(model_config, "enable_cuda_graph", False))
+
+
+def record_packed_sequence_lengths(cu_seqlens) -> None:
+    """Feed a packed microbatch's real boundaries to Megatron's throughput count, as stock
+    pretrain_gpt does (``update_seqlen_stats_from_cu_seqlens``, on the device, no host sync);
+    the zero-length sequences at the end add nothing. Only inside megatron.training's loop."""
+    training = sys.modules.get("megatron.training.training")
+    update = getattr(training, "update_seqlen_stats_from_cu_seqlens", None)
+    if update is not None:
+        update(cu_seqlens)
 
 
 def make_forward_step(
@@ -46,9 +65,14 @@ def make_forward_step(
         validate: check channel ids and ``cu_seqlens`` on TP rank 0 while the batch is
             still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
 
-    With ``config.token_accuracy`` the last pipeline stage calls the model with
+    With ``config.token_accuracy`` the last pipeline stage calls the model (or its
+    ``build_schedule_plan``, for the combined 1F1B schedule) with
     ``output_processor=output_processor_with_correct_tokens`` (GPTModel's 0.19 hook), which
     computes the correct-token flags in the model's own loss step (``token_accuracy``).
+
+    Packed rows reach attention as one THD stream of ``layout.sequence_capacity`` sequences
+    (``--max-packed-sequences-per-row`` per row), with ``tokens_per_sample`` for MoE routing,
+    and, in training, their lengths feed Megatron's throughput (TFLOP/s) count.
 
     Returns:
         ``forward_step(data_iterator, model, checkpoint_activations_microbatch=None, *,
@@ -64,7 +88,10 @@ def make_forward_step(
         if batch_layout is None and topo.tp_size > 1:
             # Evaluation feeds --eval-micro-batch-size rows, and Megatron puts the model in eval mode.
             batch_layout = BatchLayout.from_megatron_args(training=model.training)
-        inputs = get_model_inputs(data_iterator, config.num_channels, batch_layout, topo, model_device(model), validate)
+        inputs = get_model_inputs(data_iterator, config.num_channels, batch_layout, topo, model_device(model), validate,
+                                  fixed_max_seqlen=uses_cuda_graphs(model))
+        if inputs.packed_seq_params is not None and model.training:
+            record_packed_sequence_lengths(inputs.packed_seq_params.cu_seqlens_q)
         args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
         # loss_mask as stock pretrain_gpt passes it: multi-token prediction masks its loss with it.
         kwargs = dict(labels=inputs.labels, loss_mask=inputs.loss_mask)
@@ -72,16 +99,11 @@ def make_forward_step(
             kwargs["packed_seq_params"] = inputs.packed_seq_params
         correct_tokens = None
         if config.token_accuracy and topo.last_stage:
-            if return_schedule_plan:
-                raise ValueError(
-                    "ChannelConfig(token_accuracy=True) computes the correct tokens in GPTModel.forward's "
-                    "output_processor, which the combined 1F1B schedule plan does not call; turn token "
-                    "accuracy off (--channel-token-accuracy) or use another schedule"
-                )
             correct_tokens = CorrectTokens()
             kwargs.update(output_processor=output_processor_with_correct_tokens,
                           output_processor_context=correct_tokens)
         if return_schedule_plan:
+            # The combined 1F1B plan's post-process node calls the same output_processor.
             output = get_attr_wrapped_model(model, "build_schedule_plan")(*args, **kwargs)
         else:
             output = model(*args, **kwargs)

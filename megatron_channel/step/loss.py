@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -9,7 +11,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY
 from ..config import ChannelConfig
-from ..segment_math import channel_totals, local_boundaries, row_channel_totals, sequence_stats
+from ..segment_math import local_boundaries, row_channel_totals, sequence_channel_totals
 from .checks import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels
 from .token_accuracy import CorrectTokens
 
@@ -26,10 +28,14 @@ def packed_boundaries(packed_seq_params: PackedSeqParams) -> Tensor:
     return cu
 
 
-def stock_loss_terms(masked_losses: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Megatron-LM pretrain_gpt's ``(loss, num_tokens, {"lm loss": [sum, count]})`` from ``[T]`` terms."""
+def stock_loss_terms(masked_losses: Tensor, mask: Tensor,
+                     mask_sum: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Megatron-LM pretrain_gpt's ``(loss, num_tokens, {"lm loss": [sum, count]})`` from ``[T]`` terms.
+
+    ``mask_sum``: ``mask.sum()`` where the caller needs it too (the same op, run once).
+    """
     loss = torch.sum(masked_losses)
-    num_tokens = mask.sum().clone().detach().to(torch.int)
+    num_tokens = (mask.sum() if mask_sum is None else mask_sum).clone().detach().to(torch.int)
     return loss, num_tokens, {LM_LOSS_KEY: torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
@@ -101,37 +107,45 @@ def channel_loss_func(
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     masked_losses = losses * mask
-    loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask)
+    if not config.token_accuracy:
+        loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask)
+        values, columns, keys = (masked_losses.detach(), mask), None, config.metric_keys()
+    else:
+        masked_correct = correct_flags(correct_tokens, mask, validate) * mask
+        mask_sum = mask.sum()
+        loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask, mask_sum)
+        metrics[TOKEN_ACC_KEY] = torch.stack([masked_correct.sum(), mask_sum])
+        # One pass over the three rows: the mask's sums are both pairs' token counts.
+        values, columns, keys = (masked_losses.detach(), masked_correct, mask), ACCURACY_COLUMNS, metric_order(config)
 
-    masked_losses = masked_losses.detach()
     if packed_seq_params is None:
         rows = output_tensor.shape[0]
         if validate:
             check_row_channels(channels, rows)
-
-        def per_channel(values):
-            return row_channel_totals(values, mask, rows, channels, config.num_channels)
+        totals = row_channel_totals(values, rows, channels, config.num_channels, columns)
     else:
         cp = default_cp_size() if cp_size is None else cp_size
         cu = packed_boundaries(packed_seq_params)
         if validate:
             check_cu_seqlens(cu, losses.numel() * cp, cp_size=cp)
             check_packed_channels(channels, cu)
-        boundaries, sequence_channels = local_boundaries(cu, cp), channels.reshape(-1)[: cu.numel() - 1]
-
-        def per_channel(values):
-            return channel_totals(sequence_stats(values, mask, boundaries), sequence_channels, config.num_channels)
-
-    totals = per_channel(masked_losses)
-    if not config.token_accuracy:
-        metrics.update(zip(config.metric_keys(), totals.unbind(0)))
-        return loss, num_tokens, metrics
-    masked_correct = correct_flags(correct_tokens, mask, validate) * mask
-    metrics[TOKEN_ACC_KEY] = torch.stack([masked_correct.sum(), mask.sum()])
-    accuracy = per_channel(masked_correct)
-    for key, acc_key, total, correct in zip(config.metric_keys(), config.accuracy_keys(), totals, accuracy):
-        metrics[key], metrics[acc_key] = total, correct
+        totals = sequence_channel_totals(values, local_boundaries(cu, cp), channels.reshape(-1), config.num_channels,
+                                         columns)
+    # [K, 2] (loss) or [K, 4] (loss, accuracy): one [sum, count] view per key, in key order.
+    metrics.update(zip(keys, (totals if columns is None else totals.view(-1, 2)).unbind(0)))
     return loss, num_tokens, metrics
+
+
+# Per channel [loss_sum, token_count, correct_tokens, token_count] of the rows
+# (masked losses, masked correct flags, loss mask).
+ACCURACY_COLUMNS = (0, 2, 1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def metric_order(config: ChannelConfig) -> tuple[str, ...]:
+    """Each channel's loss key, then its accuracy key, in channel order: the rows of
+    ``channel_totals(..., columns=ACCURACY_COLUMNS).view(-1, 2)``."""
+    return tuple(key for pair in zip(config.metric_keys(), config.accuracy_keys()) for key in pair)
 
 
 def correct_flags(correct_tokens: CorrectTokens | Tensor | None, mask: Tensor, validate: bool) -> Tensor:
@@ -142,7 +156,11 @@ def correct_flags(correct_tokens: CorrectTokens | Tensor | None, mask: Tensor, v
             "ChannelConfig(token_accuracy=True) needs the correct-token flags: use make_forward_step(config), "
             "whose model call computes them, or pass correct_tokens= to channel_loss_func"
         )
-    flags = flags.detach().reshape(-1).float()
+    flags = flags.reshape(-1)
+    if flags.requires_grad:
+        flags = flags.detach()
+    if flags.dtype != torch.float32:
+        flags = flags.float()
     if validate and flags.numel() != mask.numel():
         raise ValueError(f"correct_tokens has {flags.numel()} elements but loss_mask has {mask.numel()}")
     return flags

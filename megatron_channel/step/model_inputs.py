@@ -1,8 +1,9 @@
 """From the data iterator to the tensors one rank's model chunk needs.
 
-Order: read on tensor-parallel rank 0 and check values there on the CPU, move to the
+Order: read on tensor-parallel rank 0 and check values there on the CPU, merge packed rows
+into one THD sequence list of the layout's fixed length (real sequences first), move to the
 model's device, broadcast to the TP group (``channels`` included, which Megatron's own
-broadcast drops), merge packed rows into one THD stream, cut for context parallelism.
+broadcast drops), cut for context parallelism.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from torch import Tensor
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from ..segment_math import merge_packed_rows, thd_partition_index
+from ..segment_math import compact_sequences, thd_partition_index
 from .batch_forms import canonical_batch
-from .checks import ChannelBatchError, check_batch, check_max_seqlen
-from .layout import BOUNDARY_KEYS, DTYPES, SEQUENCE_KEYS, BatchLayout, Topology
+from .checks import ChannelBatchError, check_batch, check_max_seqlen, value_on_cpu
+from .layout import DTYPES, SEQUENCE_KEYS, BatchLayout, Topology
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModelInputs:
     """What one forward pass and its loss need, already cut for this rank.
 
     Sequence tensors are ``[b, s_local]`` unpacked or ``[1, b * s / cp]`` packed;
-    ``channels`` is ``[b]`` unpacked or ``[b * sequences_per_row]`` packed. Fields this
+    ``channels`` is ``[b]`` unpacked or ``[layout.sequence_capacity]`` packed. Fields this
     pipeline stage does not need are None.
     """
 
@@ -40,7 +41,7 @@ class ModelInputs:
 
 
 def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | None, topo: Topology,
-                     device: torch.device, validate: bool = True) -> ModelInputs:
+                     device: torch.device, validate: bool = True, fixed_max_seqlen: bool = False) -> ModelInputs:
     """Read, check, broadcast, merge and cut one microbatch for this rank's model chunk.
 
     Args:
@@ -50,6 +51,8 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
         topo: this rank's place (``Topology.current``).
         device: the model's device.
         validate: check values on TP rank 0 while they are on the CPU.
+        fixed_max_seqlen: packed rows: give attention the row length as ``max_seqlen`` even
+            where the batch gives its own (CUDA graphs replay only the captured value).
     """
     if not stage_reads_batch(layout, topo, data_iterator):
         return ModelInputs()
@@ -59,6 +62,8 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
     if topo.tp_size > 1:
         batch = broadcast_batch(batch, topo.needed_keys(layout), layout, topo, device)
         max_seqlen = None  # the receivers cannot know it without another collective; all use the row length
+    if fixed_max_seqlen:
+        max_seqlen = None
     if layout.packed:
         return packed_inputs(batch, layout, topo, max_seqlen)
     if topo.cp_size > 1:
@@ -95,17 +100,45 @@ def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, top
         check_batch(raw, keys, layout, num_channels, topo.cp_size)
         if max_seqlen is not None and layout.packed:
             check_max_seqlen(max_seqlen, raw.get("cu_seqlens_padded", raw["cu_seqlens"]), layout)
-    batch = {key: to_contract(key, raw[key], layout, device) for key in keys}
+    fields = {key: raw[key] for key in keys}
+    if layout.packed:
+        fields.update(merged_sequences(fields, layout))
+    batch = {key: to_contract(key, value, device) for key, value in fields.items()}
     return batch, layout, None if max_seqlen is None else min(max_seqlen, layout.seq_length)
 
 
-def to_contract(key: str, value: Tensor, layout: BatchLayout, device: torch.device) -> Tensor:
-    """``value`` in the dtype and shape of ``layout.shapes()[key]``, on ``device``."""
-    if key == "channels" and layout.packed:
-        value = value.reshape(layout.micro_batch_size, -1)[:, : layout.sequences_per_row]
-    elif key in BOUNDARY_KEYS:
-        value = value.reshape(layout.micro_batch_size, -1)
-    return value.to(device=device, dtype=DTYPES[key], non_blocking=True).contiguous()
+def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout) -> dict[str, Tensor]:
+    """Packed rows' ``cu_seqlens`` (``_padded``) and ``channels`` as one list of
+    ``layout.sequence_capacity`` sequences over the microbatch (``compact_sequences``)."""
+    rows = layout.micro_batch_size
+    padded = fields.get("cu_seqlens_padded")
+    channels = fields.get("channels")
+    cu, cu_padded, channels = compact_sequences(
+        fields["cu_seqlens"].reshape(rows, -1), layout.seq_length, layout.sequence_capacity,
+        cu_seqlens_padded=None if padded is None else padded.reshape(rows, -1),
+        channels=None if channels is None else channels.reshape(rows, -1),
+    )
+    if not value_on_cpu(cu):
+        # A batch already on a GPU was not counted on the host (check_sequence_count). Were
+        # sequences past the capacity dropped, the list would end short of the last row's end:
+        # stop in a device assert then, at no host sync.
+        given = (fields["cu_seqlens"] if padded is None else padded).reshape(rows, -1)
+        compacted = cu if cu_padded is None else cu_padded
+        torch._assert_async(compacted[-1] == given[-1, -1] + (rows - 1) * layout.seq_length)
+    merged = {"cu_seqlens": cu, "cu_seqlens_padded": cu_padded, "channels": channels}
+    return {key: value for key, value in merged.items() if key in fields}
+
+
+def to_contract(key: str, value: Tensor, device: torch.device) -> Tensor:
+    """``value`` in the contract's dtype (``DTYPES[key]``), contiguous, on ``device``.
+
+    A host tensor bound for a GPU is pinned first (Megatron's loader pins its batches;
+    fields built here are not), so the copy is asynchronous instead of staged by the host.
+    """
+    value = value.to(dtype=DTYPES[key]).contiguous()
+    if value.device != device and value.device.type == "cpu" and device.type == "cuda" and not value.is_pinned():
+        value = value.pin_memory()
+    return value.to(device=device, non_blocking=True)
 
 
 def broadcast_batch(batch: dict | None, keys: list[str], layout: BatchLayout, topo: Topology,
@@ -125,12 +158,13 @@ def broadcast_batch(batch: dict | None, keys: list[str], layout: BatchLayout, to
 
 def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
                   max_seqlen: int | None = None) -> ModelInputs:
-    """``[b, s]`` THD rows -> one ``[1, b * s]`` stream (cut for CP) and its ``PackedSeqParams``."""
+    """``[b, s]`` THD rows -> one ``[1, b * s]`` stream (cut for CP) and its ``PackedSeqParams``.
+
+    ``batch``'s ``cu_seqlens`` (``_padded``) are already merged over the microbatch (``[C + 1]``).
+    """
     rows = {key: value.reshape(1, -1) for key, value in batch.items() if key in SEQUENCE_KEYS}
-    cu = merge_packed_rows(batch["cu_seqlens"], layout.seq_length)
+    cu = batch["cu_seqlens"]
     cu_padded = batch.get("cu_seqlens_padded")
-    if cu_padded is not None:
-        cu_padded = merge_packed_rows(cu_padded, layout.seq_length)
     if topo.cp_size > 1:
         index = thd_partition_index(cu if cu_padded is None else cu_padded,
                                     layout.micro_batch_size * layout.seq_length, topo.cp_size, topo.cp_rank)
@@ -146,6 +180,9 @@ def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
         cu_seqlens_kv_padded=cu_padded,
         max_seqlen_q=max_seqlen,
         max_seqlen_kv=max_seqlen,
+        # MoE layers route each row on its own (seq_aux_loss) by viewing the stream as
+        # [tokens_per_sample, rows]; a row holds s / cp tokens of the local stream.
+        tokens_per_sample=layout.seq_length // topo.cp_size,
     )
     channels = batch.get("channels")
     return ModelInputs(**rows, attention_mask=batch.get("attention_mask"),

@@ -77,7 +77,9 @@ def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_
     logits = scale_logits(logits)
     if labels is None:
         return logits.transpose(0, 1).contiguous()
-    gathered = bool(runtime_gather_output) or bool(getattr(output_layer, "gather_output", False))
+    # runtime_gather_output, when given, overrides the layer's own gather_output (as in the layer).
+    gathered = getattr(output_layer, "gather_output", False) if runtime_gather_output is None else runtime_gather_output
+    gathered = bool(gathered)
     context.flags = target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
                                      vocab_is_sharded=not gathered)
     return compute_language_model_loss(labels, logits)

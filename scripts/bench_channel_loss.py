@@ -572,12 +572,14 @@ def notes(demo: dict | None, rows: list[dict]) -> str:
                                         initial_indent="  ", subsequent_indent="  "))
     text = """## Notes
 
-- GPU half: `./scripts/bench_gpu.sh` on a machine with CUDA runs the no-sync tests
-  (`tests/test_no_sync_cuda.py`), this benchmark (adding the `cuda` rows, CUDA events, with
-  the extra peak memory, and judging the GPU targets above) and `scripts/bench_pretrain.py`
-  (the tiny blend config through Megatron's `pretrain()` with and without channel tracking,
-  `--disable-channel-loss`, alternating, median iteration time after warm-up, target ratio
-  <= 1.005).
+- GPU half: `./scripts/bench_gpu.sh` on a machine with CUDA runs, in under 5 minutes and
+  through failures, the no-sync tests (`tests/test_no_sync_cuda.py`), Transformer Engine's THD
+  attention and fused RoPE on the compacted sequence list against the stripped one
+  (`scripts/check_packed_attention_gpu.py`), this benchmark's small grid with its `cuda` rows
+  (`--quick`: CUDA events and the extra peak memory, printed only) and a short
+  `scripts/bench_pretrain.py` (the tiny blend config through Megatron's `pretrain()` with and
+  without channel tracking), then a pass/fail table. The GPU targets above (T=128k) are judged
+  by the full grid: `BENCH_GPU_FULL=1 ./scripts/bench_gpu.sh`, which rewrites this file.
 - Packed rows (`segment_math.sequence_channel_totals`): the value rows (masked losses and
   mask; with token accuracy also the masked correct-token flags) summed per sequence and per
   channel in one pass, every row read once and the mask's sums serving as the token count of

@@ -331,3 +331,20 @@ def test_training_microbatches_feed_megatrons_throughput_count(megatron_cpu):
         make_forward_step(CONFIG)(iter([batch, batch]), gpt)
         make_forward_step(CONFIG)(iter([batch]), gpt)
     assert training.consume_seqlen_stats_in_iteration() == (2 * sum(lengths), 2 * sum(n * n for n in lengths))
+
+
+@pytest.mark.timeout(60)
+def test_without_validation_an_overfull_microbatch_still_stops():
+    """``validate=False`` (values not read on the host, as for a batch already on a GPU): the
+    merge asserts on the device that no sequence was dropped, with the flag in its message."""
+    from megatron_channel.step.layout import Topology
+    from megatron_channel.step.model_inputs import get_model_inputs
+
+    batch, _ = sft_batch()
+    layout = BatchLayout(ROWS, SEQ, packed=True, max_sequences_per_row=2)
+    with pytest.raises(RuntimeError, match="raise the flag"):
+        get_model_inputs(iter([batch]), CONFIG.num_channels, layout, Topology(), torch.device("cpu"), validate=False)
+    layout = BatchLayout(ROWS, SEQ, packed=True, max_sequences_per_row=3)  # exactly full
+    inputs = get_model_inputs(iter([batch]), CONFIG.num_channels, layout, Topology(), torch.device("cpu"),
+                              validate=False)
+    assert inputs.packed_seq_params.cu_seqlens_q.numel() == 7

@@ -19,7 +19,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from ..segment_math import compact_sequences, thd_partition_index
 from .batch_forms import canonical_batch
 from .checks import ChannelBatchError, check_batch, check_max_seqlen, value_on_cpu
-from .layout import DTYPES, SEQUENCE_KEYS, BatchLayout, Topology
+from .layout import DTYPES, MAX_SEQUENCES_FLAG, SEQUENCE_KEYS, BatchLayout, Topology
 
 
 @dataclass
@@ -102,14 +102,17 @@ def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, top
             check_max_seqlen(max_seqlen, raw.get("cu_seqlens_padded", raw["cu_seqlens"]), layout)
     fields = {key: raw[key] for key in keys}
     if layout.packed:
-        fields.update(merged_sequences(fields, layout))
+        fields.update(merged_sequences(fields, layout, counted=validate and value_on_cpu(fields["cu_seqlens"])))
     batch = {key: to_contract(key, value, device) for key, value in fields.items()}
     return batch, layout, None if max_seqlen is None else min(max_seqlen, layout.seq_length)
 
 
-def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout) -> dict[str, Tensor]:
+def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout, counted: bool) -> dict[str, Tensor]:
     """Packed rows' ``cu_seqlens`` (``_padded``) and ``channels`` as one list of
-    ``layout.sequence_capacity`` sequences over the microbatch (``compact_sequences``)."""
+    ``layout.sequence_capacity`` sequences over the microbatch (``compact_sequences``).
+
+    ``counted``: ``check_sequence_count`` has checked that they fit.
+    """
     rows = layout.micro_batch_size
     padded = fields.get("cu_seqlens_padded")
     channels = fields.get("channels")
@@ -118,13 +121,14 @@ def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout) -> dict[str
         cu_seqlens_padded=None if padded is None else padded.reshape(rows, -1),
         channels=None if channels is None else channels.reshape(rows, -1),
     )
-    if not value_on_cpu(cu):
-        # A batch already on a GPU was not counted on the host (check_sequence_count). Were
-        # sequences past the capacity dropped, the list would end short of the last row's end:
-        # stop in a device assert then, at no host sync.
+    if not counted:
+        # Were sequences past the capacity dropped, the list would end short of the last row's
+        # end: stop then, without reading a value on the host (a device assert on a GPU).
         given = (fields["cu_seqlens"] if padded is None else padded).reshape(rows, -1)
         compacted = cu if cu_padded is None else cu_padded
-        torch._assert_async(compacted[-1] == given[-1, -1] + (rows - 1) * layout.seq_length)
+        torch._assert_async(compacted[-1] == given[-1, -1] + (rows - 1) * layout.seq_length,
+                            f"a packed microbatch holds more sequences than micro_batch_size "
+                            f"{rows} x --{MAX_SEQUENCES_FLAG} {layout.max_sequences_per_row}; raise the flag")
     merged = {"cu_seqlens": cu, "cu_seqlens_padded": cu_padded, "channels": channels}
     return {key: value for key, value in merged.items() if key in fields}
 

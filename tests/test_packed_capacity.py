@@ -15,8 +15,10 @@ backward cannot take at scale. ``forward_step`` now merges the rows into one lis
 * the same at TP = 2 over two gloo ranks, and a microbatch over the bound: a clear error on
   TP rank 0 before its broadcast, and no hang on the other rank;
 * every packed form ``forward_step`` accepts (Megatron-Bridge's ``cu_seqlens_q(_padded)``,
-  its legacy ``-1`` padding, one row of 1-D tensors, SFTDataset's) hands attention the same
-  compacted list.
+  its legacy ``-1`` padding, one row of 1-D tensors, SFTDataset's, our SFT packer's) hands
+  attention the same compacted list;
+* with CUDA graphs attention gets the row length as ``max_seqlen``; training microbatches feed
+  Megatron's throughput count; without host validation an overfull microbatch still stops.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def float64_reference(gpt, batch: dict, spans, tp_group=None) -> dict[str, list[
             torch.distributed.all_gather(parts, logits.contiguous(), group=tp_group)
             logits = torch.cat(parts, -1)
         logits = logits.double()[0]
-        target = batch["labels"][row, start:end]
+        target = batch["labels"][row, start:end].clamp(min=0)  # prompt tokens (-100) carry no loss
         ce = torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None]).squeeze(-1)
         mask = batch["loss_mask"][row, start:end].double()
         if channel >= 0:
@@ -348,3 +350,35 @@ def test_without_validation_an_overfull_microbatch_still_stops():
     inputs = get_model_inputs(iter([batch]), CONFIG.num_channels, layout, Topology(), torch.device("cpu"),
                               validate=False)
     assert inputs.packed_seq_params.cu_seqlens_q.numel() == 7
+
+
+@pytest.mark.timeout(120)
+def test_rows_of_our_sft_packer_hand_attention_the_compacted_list(megatron_cpu):
+    """Rows as ``data/sft.pack_conversations`` builds them (the ``--sft`` jsonl datasets'): the
+    list attention gets holds each conversation once, and the numbers match float64."""
+    from megatron_channel.data.sft import IGNORE_INDEX, pack_conversations
+
+    init_parallel(seed=1234)
+    gpt = thd_gpt()
+    seen = record_packed_seq_params(gpt)
+    rng = random.Random(5)
+    pad, length = 0, 96
+    rows, spans = [], []
+    for r, lengths in enumerate([[30, 20, 40], [50, 60]]):  # row 1's second conversation is cut at the row end
+        encoded = []
+        for n in lengths:
+            tokens = [rng.randrange(1, VOCAB) for _ in range(n)]
+            targets = [IGNORE_INDEX if i < n // 3 else rng.randrange(1, VOCAB) for i in range(n)]
+            encoded.append((tokens, targets))
+        row = pack_conversations(encoded, [r, 2 - r, 1][: len(lengths)], length, pad)
+        rows.append(row)
+        cu = row["cu_seqlens"].tolist()
+        spans += [(r, a, b, int(row["channels"][i])) for i, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    with torch.no_grad():
+        output, loss_func = make_forward_step(CONFIG)(iter([batch]), gpt)
+    _, _, metrics = loss_func(output)
+    want_cu = [0] + [r * length + b for r, _, b, _ in spans]
+    want_cu += [want_cu[-1]] * (ROWS * DEFAULT_MAX_SEQUENCES_PER_ROW + 1 - len(want_cu))
+    assert seen[0].cu_seqlens_q.tolist() == want_cu
+    assert_matches(metrics, float64_reference(gpt, batch, spans), "our SFT packer")

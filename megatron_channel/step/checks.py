@@ -205,9 +205,10 @@ def check_values(raw: dict, keys: list[str], layout: BatchLayout, num_channels: 
             strict = key == "cu_seqlens_padded" or not has_padded
             check_cu_seqlens(raw[key].reshape(rows, -1), layout.seq_length, cp_size=cp_size if strict else 1,
                              exact_end=strict or rows > 1, name=key)
-    boundaries = raw["cu_seqlens_padded" if has_padded else "cu_seqlens"] if layout.packed else None
-    if layout.packed and value_on_cpu(boundaries):
-        check_sequence_count(boundaries, layout)
+    if layout.packed:
+        boundaries = raw["cu_seqlens_padded" if has_padded else "cu_seqlens"]
+        if value_on_cpu(boundaries):
+            check_sequence_count(boundaries, layout)
     if not layout.packed and cp_size > 1 and layout.seq_length % (2 * cp_size):
         raise ChannelBatchError(
             f"seq_length {layout.seq_length} is not a multiple of 2 * context_parallel_size = {2 * cp_size}"

@@ -169,10 +169,10 @@ class BatchLayout:
         )
 
     @classmethod
-    def of_batch(cls, raw: dict, max_sequences_per_row: int | None = None) -> "BatchLayout":
+    def of_batch(cls, raw: dict) -> "BatchLayout":
         """The layout a run without tensor parallelism reads off the batch itself.
 
-        ``max_sequences_per_row`` is no property of one batch: None takes Megatron's
+        ``max_sequences_per_row`` is no property of one batch: it is Megatron's
         ``--max-packed-sequences-per-row`` when Megatron's arguments are parsed, else the default.
         """
         from .checks import ChannelBatchError
@@ -192,7 +192,7 @@ class BatchLayout:
             micro_batch_size=tokens.shape[0],
             seq_length=tokens.shape[1],
             packed=cu is not None,
-            max_sequences_per_row=max_sequences_per_row or max_sequences_per_row_of_megatron(),
+            max_sequences_per_row=max_sequences_per_row_of_megatron(),
             cu_seqlens_padded=raw.get("cu_seqlens_padded") is not None,
             attention_mask=mask_shape if mask_shape and broadcasts_to(mask_shape, (
                 tokens.shape[0], 1, tokens.shape[1], tokens.shape[1])) else bool(mask_shape),

@@ -61,8 +61,9 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
         batch, layout, max_seqlen = read_batch(data_iterator, num_channels, layout, topo, device, validate)
     if topo.tp_size > 1:
         batch = broadcast_batch(batch, topo.needed_keys(layout), layout, topo, device)
-        max_seqlen = None  # the receivers cannot know it without another collective; all use the row length
-    if fixed_max_seqlen:
+    if topo.tp_size > 1 or fixed_max_seqlen:
+        # TP receivers cannot know the batch's own bound without another collective, and CUDA
+        # graphs replay the captured one: all use the row length.
         max_seqlen = None
     if layout.packed:
         return packed_inputs(batch, layout, topo, max_seqlen)
@@ -102,16 +103,16 @@ def read_batch(data_iterator, num_channels: int, layout: BatchLayout | None, top
             check_max_seqlen(max_seqlen, raw.get("cu_seqlens_padded", raw["cu_seqlens"]), layout)
     fields = {key: raw[key] for key in keys}
     if layout.packed:
-        fields.update(merged_sequences(fields, layout, counted=validate and value_on_cpu(fields["cu_seqlens"])))
+        fields.update(merged_sequences(fields, layout, validated=validate))
     batch = {key: to_contract(key, value, device) for key, value in fields.items()}
     return batch, layout, None if max_seqlen is None else min(max_seqlen, layout.seq_length)
 
 
-def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout, counted: bool) -> dict[str, Tensor]:
+def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout, validated: bool) -> dict[str, Tensor]:
     """Packed rows' ``cu_seqlens`` (``_padded``) and ``channels`` as one list of
     ``layout.sequence_capacity`` sequences over the microbatch (``compact_sequences``).
 
-    ``counted``: ``check_sequence_count`` has checked that they fit.
+    ``validated``: ``check_batch`` ran, so ``check_sequence_count`` counted boundaries on the CPU.
     """
     rows = layout.micro_batch_size
     padded = fields.get("cu_seqlens_padded")
@@ -121,10 +122,10 @@ def merged_sequences(fields: dict[str, Tensor], layout: BatchLayout, counted: bo
         cu_seqlens_padded=None if padded is None else padded.reshape(rows, -1),
         channels=None if channels is None else channels.reshape(rows, -1),
     )
-    if not counted:
+    given = (fields["cu_seqlens"] if padded is None else padded).reshape(rows, -1)  # what check_values counts
+    if not (validated and value_on_cpu(given)):
         # Were sequences past the capacity dropped, the list would end short of the last row's
         # end: stop then, without reading a value on the host (a device assert on a GPU).
-        given = (fields["cu_seqlens"] if padded is None else padded).reshape(rows, -1)
         compacted = cu if cu_padded is None else cu_padded
         torch._assert_async(compacted[-1] == given[-1, -1] + (rows - 1) * layout.seq_length,
                             f"a packed microbatch holds more sequences than micro_batch_size "

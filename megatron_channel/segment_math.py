@@ -139,7 +139,7 @@ def sequence_stats_reduceat(values: Tensor | Sequence[Tensor], boundaries: Tenso
 
 def _leading_sequence_sums(values: Tensor | Sequence[Tensor], boundaries: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``sequence_stats_reduceat`` of the first ``n`` sequences, those that start before the end of
-    the tokens (every later one is empty): ``[V, n]`` float64 sums, right where ``[n]`` bool
+    the tokens (every later one is empty): ``[V, n]`` sums in the rows' dtype, right where ``[n]`` bool
     ``nonempty`` holds and arbitrary where it does not (the caller zeroes or drops those)."""
     stacked = isinstance(values, Tensor)
     rows = values.numpy() if stacked else [row.numpy() for row in values]
@@ -150,14 +150,15 @@ def _leading_sequence_sums(values: Tensor | Sequence[Tensor], boundaries: Tensor
     # is dropped). A repeated index gives x[i], not 0: hence ``nonempty``.
     starts = bounds[: bounds.searchsorted(rows[0].shape[0])]
     n = min(starts.shape[0], bounds.shape[0] - 1)
-    sums = np.empty((len(rows), n), dtype=np.float64)
+    # Written in place, in the rows' own dtype: float32 pieces, as a float32 sum makes them.
+    sums = np.empty((len(rows), starts.shape[0]), dtype=rows[0].dtype)
     if n:
         if stacked:
-            sums[:] = np.add.reduceat(rows, starts, axis=1)[:, :n]
+            np.add.reduceat(rows, starts, axis=1, out=sums)
         else:
             for total, row in zip(sums, rows):
-                total[:] = np.add.reduceat(row, starts)[:n]
-    return sums, bounds[:n] < bounds[1 : n + 1]
+                np.add.reduceat(row, starts, out=total)
+    return sums[:, :n], bounds[:n] < bounds[1 : n + 1]
 
 
 @functools.lru_cache(maxsize=None)

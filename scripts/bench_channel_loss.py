@@ -6,7 +6,8 @@ Variants, each on the same per-token losses of one packed (THD) microbatch:
   ours       channel_loss_func (validate=False: the checks run where the batch is built)
   ours+acc   ours with token accuracy (ChannelConfig(token_accuracy=True)): the masked losses,
              the masked correct-token flags and the mask summed per sequence and per channel in
-             one pass, plus the all-token count
+             one pass, plus the all-token count. The flags come as make_forward_step hands them
+             over, already multiplied by the loss mask where the model made them
   2-pass     a reference, kept in this script only: ours+acc as it was before, the per-channel
              sums run twice (losses with the mask, then flags with the mask) by today's functions
   loop       per-sequence Python loop: slice each sequence, mask, sum, add to its channel
@@ -206,6 +207,7 @@ def extra_peak_bytes_per_token(ours, stock, tokens: int) -> float | None:
 def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
     from megatron_channel import channel_loss_func
     from megatron_channel.step.loss import stock_loss_func
+    from megatron_channel.step.token_accuracy import CorrectTokens
 
     median_us = timer(device)
     rows = []
@@ -213,6 +215,8 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
         output, mask, cu, channels, config, packed = make_case(tokens, sequences, num_channels, device, slots=slots)
         accuracy_config = dataclasses.replace(config, token_accuracy=True)
         correct = (torch.rand(output.shape, generator=torch.Generator().manual_seed(1)) > 0.5).float().to(device)
+        # As make_forward_step hands them over: multiplied by the loss mask where the model made them.
+        correct_tokens = CorrectTokens(loss_mask=mask, flags=correct * mask)
 
         def stock():
             return stock_loss_func(mask, output)
@@ -223,7 +227,7 @@ def bench_grid(device: torch.device, grid, runs: int) -> list[dict]:
 
         def ours_accuracy():
             return channel_loss_func(output, loss_mask=mask, channels=channels, config=accuracy_config,
-                                     packed_seq_params=packed, cp_size=1, validate=False, correct_tokens=correct)
+                                     packed_seq_params=packed, cp_size=1, validate=False, correct_tokens=correct_tokens)
 
         def two_pass():
             return two_pass_loss_func(mask, output, cu, channels, accuracy_config, correct)

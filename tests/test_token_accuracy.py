@@ -67,6 +67,20 @@ def test_target_is_argmax_counts_ties_as_correct():
         assert (labels[2] != argmax[2]).any()  # ties, not argmax itself, were counted
 
 
+@pytest.mark.timeout(60)
+def test_target_is_argmax_with_the_loss_mask_makes_the_masked_flags_in_one_op():
+    """The flags ``make_forward_step`` hands the loss: ``correct x loss_mask``, bit for bit,
+    float32, for one row and for several."""
+    gen = torch.Generator().manual_seed(2)
+    for b, s in ((1, 11), (3, 7)):
+        logits = tied_logits(gen, b, s)
+        labels = torch.randint(0, VOCAB, (b, s), generator=gen)
+        mask = (torch.rand(b, s, generator=gen) > 0.4).float()
+        got = target_is_argmax(logits.transpose(0, 1), labels, loss_mask=mask)
+        assert got.dtype == torch.float32 and got.shape == (b, s)
+        assert torch.equal(got, reference_flags(logits, labels) * mask)
+
+
 def _sharded_worker(rank, world_size):
     import torch.distributed as dist
 
@@ -287,6 +301,39 @@ def test_one_pass_on_the_fixed_length_sequence_list_matches_float64_by_hand(summ
         assert torch.equal(metrics[key], plain_metrics[key]), key
         assert metrics[key][1].item() == want[key][1], key
         assert abs(metrics[key][0].item() - want[key][0]) <= 1e-5 * abs(want[key][0]) + 1e-5, key
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("summing", ["host", "torch"])
+def test_flags_masked_where_the_model_made_them_give_the_same_metrics(summing):
+    """``CorrectTokens(loss_mask=...)``, as make_forward_step passes it, holds ``flags x mask``;
+    the loss function then skips its own product and reports bitwise the same numbers. Flags
+    masked by another mask are refused by name."""
+    from megatron_channel.segment_math import summing_like_a_gpu
+    from megatron_channel.step.token_accuracy import CorrectTokens
+
+    gen = torch.Generator().manual_seed(9)
+    config = ChannelConfig(["math", "code", "chat"], token_accuracy=True)
+    cu = torch.tensor([0, 5, 5, 12, 30, 30, 30], dtype=torch.int32)
+    channels = torch.tensor([0, 2, -1, 1, -1, -1])
+    losses = torch.rand(1, 30, generator=gen) * 8
+    mask = (torch.rand(1, 30, generator=gen) > 0.3).float()
+    flags = (torch.rand(1, 30, generator=gen) > 0.5).float()
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+
+    def metrics_of(correct_tokens, loss_mask=mask):
+        return channel_loss_func(losses, loss_mask=loss_mask, channels=channels, config=config, packed_seq_params=psp,
+                                 cp_size=1, validate=False, correct_tokens=correct_tokens)[2]
+
+    with summing_like_a_gpu() if summing == "torch" else contextlib.nullcontext():
+        plain = metrics_of(flags)
+        masked = metrics_of(CorrectTokens(loss_mask=mask, flags=flags * mask))
+        unmasked_context = metrics_of(CorrectTokens(flags=flags))
+    assert list(masked) == list(plain) == list(unmasked_context)
+    for key in plain:
+        assert torch.equal(masked[key], plain[key]) and torch.equal(unmasked_context[key], plain[key]), key
+    with pytest.raises(ValueError, match="masked by another loss_mask.*same tensor"):
+        metrics_of(CorrectTokens(loss_mask=mask.clone(), flags=flags * mask))
 
 
 @pytest.mark.timeout(30)

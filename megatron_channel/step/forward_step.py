@@ -99,7 +99,7 @@ def make_forward_step(
             kwargs["packed_seq_params"] = inputs.packed_seq_params
         correct_tokens = None
         if config.token_accuracy and topo.last_stage:
-            correct_tokens = CorrectTokens()
+            correct_tokens = CorrectTokens(loss_mask=inputs.loss_mask)
             kwargs.update(output_processor=output_processor_with_correct_tokens,
                           output_processor_context=correct_tokens)
         if return_schedule_plan:

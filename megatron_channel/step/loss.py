@@ -82,7 +82,8 @@ def channel_loss_func(
             GPU tensors in a training loop; validate where the batch is built instead.
         correct_tokens: with ``config.token_accuracy``, the correct-token flags of these tokens
             (``[b, s]`` / ``[1, T_local]``, 1.0 where the label is an argmax of the logits), or the
-            ``CorrectTokens`` the model's loss step filled (``make_forward_step`` passes it).
+            ``CorrectTokens`` the model's loss step filled (``make_forward_step`` passes it, made
+            with this ``loss_mask``, so its flags come already masked).
 
     Returns:
         ``loss`` (float32 scalar) and ``num_tokens`` (int32 scalar), bitwise Megatron's stock
@@ -111,7 +112,7 @@ def channel_loss_func(
         loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask)
         values, columns, keys = (masked_losses.detach(), mask), None, config.metric_keys()
     else:
-        masked_correct = correct_flags(correct_tokens, mask, validate) * mask
+        masked_correct = masked_correct_flags(correct_tokens, loss_mask, mask, validate)
         mask_sum = mask.sum()
         loss, num_tokens, metrics = stock_loss_terms(masked_losses, mask, mask_sum)
         metrics[TOKEN_ACC_KEY] = torch.stack([masked_correct.sum(), mask_sum])
@@ -148,19 +149,30 @@ def metric_order(config: ChannelConfig) -> tuple[str, ...]:
     return tuple(key for pair in zip(config.metric_keys(), config.accuracy_keys()) for key in pair)
 
 
-def correct_flags(correct_tokens: CorrectTokens | Tensor | None, mask: Tensor, validate: bool) -> Tensor:
-    """``[T]`` float32 flags of ``correct_tokens`` (a tensor or the filled ``CorrectTokens``)."""
-    flags = correct_tokens.flags if isinstance(correct_tokens, CorrectTokens) else correct_tokens
+def masked_correct_flags(correct_tokens: CorrectTokens | Tensor | None, loss_mask: Tensor, mask: Tensor,
+                         validate: bool) -> Tensor:
+    """``[T]`` float32 correct-token flags times ``mask`` (``loss_mask`` flattened, float32).
+
+    ``correct_tokens``: a ``[b, s]`` tensor of flags, or the ``CorrectTokens`` the model's loss
+    step filled. One made with this very ``loss_mask`` (``make_forward_step``'s) holds the
+    product already: the model multiplied where it made the flags.
+    """
+    is_context = isinstance(correct_tokens, CorrectTokens)
+    flags = correct_tokens.flags if is_context else correct_tokens
     if flags is None:
         raise ValueError(
             "ChannelConfig(token_accuracy=True) needs the correct-token flags: use make_forward_step(config), "
             "whose model call computes them, or pass correct_tokens= to channel_loss_func"
         )
-    flags = flags.reshape(-1)
-    if flags.requires_grad:
-        flags = flags.detach()
-    if flags.dtype != torch.float32:
-        flags = flags.float()
+    premasked = is_context and correct_tokens.loss_mask is not None
+    if premasked and correct_tokens.loss_mask is not loss_mask:
+        raise ValueError(
+            "correct_tokens (CorrectTokens) holds flags masked by another loss_mask than the one passed to "
+            "channel_loss_func: give both the same tensor, or make the CorrectTokens without loss_mask"
+        )
     if validate and flags.numel() != mask.numel():
         raise ValueError(f"correct_tokens has {flags.numel()} elements but loss_mask has {mask.numel()}")
-    return flags
+    flags = flags.detach().reshape(-1)
+    if flags.dtype != torch.float32:
+        flags = flags.float()
+    return flags if premasked else flags * mask

@@ -31,14 +31,20 @@ class CorrectTokens:
     """One microbatch's correct-token flags, written by the model's loss step.
 
     Attributes:
+        loss_mask: ``[b, s]`` float32, set before the forward pass: the flags are made as
+            ``correct x loss_mask`` (the product takes the place of the bool-to-float cast, so
+            it costs the model nothing and the loss function one pass less). None: plain flags.
         flags: ``[b, s]`` float32, 1.0 where the label is an argmax of the logits (the layout of
-            the per-token losses GPTModel returns); None until the forward pass ran.
+            the per-token losses GPTModel returns), times ``loss_mask`` when that is set; None
+            until the forward pass ran.
     """
 
+    loss_mask: Tensor | None = None
     flags: Tensor | None = None
 
 
-def target_is_argmax(logits: Tensor, labels: Tensor, tp_group=None, vocab_is_sharded: bool = True) -> Tensor:
+def target_is_argmax(logits: Tensor, labels: Tensor, tp_group=None, vocab_is_sharded: bool = True,
+                     loss_mask: Tensor | None = None) -> Tensor:
     """``[b, s]`` float32 flags: 1.0 where ``labels`` is an argmax of ``logits`` (ties count).
 
     Args:
@@ -47,6 +53,7 @@ def target_is_argmax(logits: Tensor, labels: Tensor, tp_group=None, vocab_is_sha
         labels: ``[b, s]`` token ids; ids outside ``[0, V)`` are never correct.
         tp_group: the tensor-parallel group; None or one rank: no collective.
         vocab_is_sharded: False when the logits already hold the whole vocabulary.
+        loss_mask: ``[b, s]`` float32: return ``flags x loss_mask`` instead, in the same one op.
     """
     with torch.no_grad():
         tp_size = torch.distributed.get_world_size(tp_group) if vocab_is_sharded and tp_group is not None else 1
@@ -62,7 +69,10 @@ def target_is_argmax(logits: Tensor, labels: Tensor, tp_group=None, vocab_is_sha
             both = torch.stack([shard_max, target_logit]).float()
             torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=tp_group)
             shard_max, target_logit = both.unbind(0)
-        return (target_logit == shard_max).transpose(0, 1).float()
+        correct = (target_logit == shard_max).transpose(0, 1)
+        if loss_mask is None:
+            return correct.float()
+        return torch.mul(correct, loss_mask.view(correct.shape))
 
 
 def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_weight, labels, context,
@@ -81,5 +91,5 @@ def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_
     gathered = getattr(output_layer, "gather_output", False) if runtime_gather_output is None else runtime_gather_output
     gathered = bool(gathered)
     context.flags = target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
-                                     vocab_is_sharded=not gathered)
+                                     vocab_is_sharded=not gathered, loss_mask=context.loss_mask)
     return compute_language_model_loss(labels, logits)

@@ -13,8 +13,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA_DIR="${DATA_DIR:-$ROOT/runs/tiny_data}"
 RUN_DIR="${RUN_DIR:-$ROOT/runs/tiny_gpt_blend}"
 
+# HYBRID_LAYER_PATTERN (configs/tiny_hybrid_blend.sh sets it): a HybridModel of that pattern instead.
+if [ -n "${HYBRID_LAYER_PATTERN:-}" ]; then LAYERS=(--hybrid-layer-pattern "$HYBRID_LAYER_PATTERN"); else LAYERS=(--num-layers 2); fi
 MODEL_ARGS=(
-    --num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 128
+    "${LAYERS[@]}" --hidden-size 128 --num-attention-heads 4 --seq-length 128
     --max-position-embeddings 128 --position-embedding-type learned_absolute
     --transformer-impl local --attention-dropout 0 --hidden-dropout 0
 )

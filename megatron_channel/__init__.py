@@ -9,6 +9,8 @@ The public API is what this module exports; the subpackages are where it lives:
 * ``channel_logging``: the wrappers around Megatron's training loop that log the channels.
 * ``launch``: ``scripts/pretrain_gpt_channel.py``, Megatron's pretrain_gpt with channels.
 * ``cpu``: what ``--cpu`` installs to run the same ``pretrain()`` on a CPU over gloo.
+* ``megatron_internals``: the one home of what the package assumes about Megatron (the
+  supported releases as a table, the loop's internals) and of every patch it makes.
 * ``testing``: test support (not API).
 
 ``docs/architecture.md`` follows one batch through them.
@@ -16,12 +18,12 @@ The public API is what this module exports; the subpackages are where it lives:
 
 from . import _moved_modules
 from .channel_logging.install import install_channel_logging, uninstall_channel_logging
-from .channel_logging.megatron_check import MegatronInternalsError
 from .channel_logging.metric_capture import ChannelMetricsError, reduce_channel_metrics
 from .channel_logging.wrappers import ChannelLoggingWarning
 from .config import ChannelConfig
 from .data.sft import sft_dataset_class
 from .data.tagged import ChannelTaggedDataset, tag_datasets
+from .megatron_internals.releases import MegatronInternalsError, UntestedMegatronWarning
 from .settings import ChannelSettings, UntrackedChannelError, add_channel_args, channel_settings_from_args
 from .step.checks import ChannelBatchError
 from .step.forward_step import make_forward_step
@@ -39,6 +41,7 @@ __all__ = [
     "ChannelSettings",
     "ChannelTaggedDataset",
     "MegatronInternalsError",
+    "UntestedMegatronWarning",
     "UntrackedChannelError",
     "add_channel_args",
     "channel_loss_func",

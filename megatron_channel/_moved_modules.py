@@ -25,7 +25,7 @@ MOVED = {
     "forward_step": "step.forward_step",
     "log_format": "channel_logging.log_fields",
     "loss": "step.loss",
-    "megatron_check": "channel_logging.megatron_check",
+    "megatron_check": "megatron_internals.loop",
     "reduce": "channel_logging.metric_capture",
     "segments": "segment_math",
     "sft": "data.sft",

@@ -43,3 +43,32 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
 fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
+
+# megatron_release_env VERSION: a virtual environment of its own for megatron-core==VERSION,
+# layered on the main one (whose packages it sees after its own: torch is not installed twice),
+# with what that release needs beside it (``MegatronRelease.test_requirements``). Made once;
+# prints its python.
+megatron_release_env() {
+    local version="$1" dir="$ROOT/.venv-megatron/$1"
+    if [ ! -f "$dir/.installed" ]; then
+        rm -rf "$dir"
+        echo "making $dir: megatron-core==$version over $VENV" >&2
+        local log="$VENV/install-megatron-$version.log"
+        if ! {
+            python -m megatron_channel.megatron_internals.releases requirements "$version" >"$VENV/requirements-$version.txt" &&
+            python -m venv "$dir" &&
+            "$dir/bin/python" - "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" <<'PY' &&
+import pathlib, sys, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+(site / "_main_environment.pth").write_text(f"import site; site.addsitedir({sys.argv[1]!r})\n")
+PY
+            "$dir/bin/python" -m pip install -r "$VENV/requirements-$version.txt"
+        } >"$log" 2>&1; then
+            tail -n 20 "$log" >&2
+            echo "error: could not make the megatron-core $version environment; see $log" >&2
+            return 1
+        fi
+        touch "$dir/.installed"
+    fi
+    echo "$dir/bin/python"
+}

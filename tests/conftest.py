@@ -2,6 +2,8 @@
 Megatron's global variables from its own parser for the tests of the logging wrappers."""
 
 import argparse
+import os
+import sys
 import warnings
 
 import pytest
@@ -22,6 +24,19 @@ def megatron_cpu():
     init_parallel()
     yield
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny blend (copy, count, noise indexed datasets) and SFT jsonl files, for the launches."""
+    from pretrain_runs import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_tiny_data
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    make_tiny_data.make_tiny_data(str(out), documents=120, sft_lines=60)
+    return str(out)
 
 
 @pytest.fixture

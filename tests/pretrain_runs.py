@@ -45,11 +45,31 @@ def blend_flags(data_dir: str, data: list[str] | None = None, channels: list[str
     return [*data, "--data-cache-path", f"{data_dir}/cache", *tokenizer, *(channels or ["--channels-from-blend"])]
 
 
+def sft_launch_flags(data_dir: str) -> dict[str, list[str]]:
+    """``data`` and ``tokenizer`` flags (``blend_flags``' keywords) of packed SFT rows from the
+    tiny jsonl files, tokenized by Megatron's SFTTokenizer over the tiny tokenizer."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_sft_tokenizer
+
+    tokenizer = make_sft_tokenizer.write_sft_tokenizer(os.path.join(data_dir, "sft_tokenizer"))
+    return dict(
+        data=["--sft", "--data-path", "0.8", f"{data_dir}/sft/mixed.jsonl", "0.2", f"{data_dir}/sft/unlabeled.jsonl",
+              "--split", "90,10,0", "--seq-length", "128", "--max-position-embeddings", "128"],
+        tokenizer=["--tokenizer-type", "SFTTokenizer", "--tokenizer-model", tokenizer],
+    )
+
+
 @dataclass
 class Run:
     stdout: str
     records: list[Record]
     events: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    stderr: str = ""
+
+    @property
+    def output(self) -> str:
+        """Standard output and standard error (Megatron logs some lines, and the patch lines, there)."""
+        return self.stdout + self.stderr
 
     @property
     def scalars(self) -> dict[str, dict[int, float]]:
@@ -122,7 +142,7 @@ def run_pretrain(run_dir: str, flags: list[str], nproc: int = 2, timeout: float 
     jsonl = os.path.join(tensorboard_dir, "channels.jsonl")
     records = read_jsonl(jsonl) if os.path.exists(jsonl) else []
     events = read_events(tensorboard_dir) if os.path.isdir(tensorboard_dir) else {}
-    return Run(proc.stdout, records, events)
+    return Run(proc.stdout, records, events, proc.stderr)
 
 
 def close(a: float, b: float, rel: float = 1e-5) -> bool:

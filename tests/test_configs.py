@@ -15,6 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--cpu", "--train-iters", "4", "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1"]
 
 
+pytestmark = pytest.mark.e2e
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
@@ -50,6 +53,14 @@ def check_records(records, channels):
 @pytest.mark.timeout(450)
 def test_tiny_gpt_blend_config(tiny_data, tmp_path):
     check_records(launch("tiny_gpt_blend.sh", tiny_data, tmp_path), ["copy", "count", "noise"])
+
+
+@pytest.mark.timeout(450)
+def test_tiny_hybrid_blend_config(tiny_data, tmp_path):
+    """The same blend as a HybridModel (--hybrid-layer-pattern "*-*-"), with token accuracy."""
+    records = launch("tiny_hybrid_blend.sh", tiny_data, tmp_path, "--channel-token-accuracy")
+    check_records(records, ["copy", "count", "noise"])
+    assert all(r.token_acc is not None for r in records)
 
 
 @pytest.mark.timeout(450)

@@ -42,6 +42,17 @@ def megatron_argv(data_dir, *channel_flags):
     ]
 
 
+def pretrain_arguments(args, kwargs):
+    """(config container, datasets provider, model type, forward_step) of a 0.19 ``pretrain()`` call."""
+    import inspect
+
+    from megatron.training.training import pretrain
+
+    bound = inspect.signature(pretrain).bind(*args, **kwargs).arguments
+    return (bound["cfg_container"], bound["train_valid_test_dataset_provider"], bound["model_type"],
+            bound["forward_step_func"])
+
+
 def _launch_worker(rank, world_size, data_dir):
     import megatron.training
 
@@ -52,7 +63,7 @@ def _launch_worker(rank, world_size, data_dir):
 
     demo = write_blend(data_dir)
     recorded = []
-    megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
+    megatron.training.pretrain = lambda *args, **kwargs: recorded.append(pretrain_arguments(args, kwargs))
     launch.finish_run = lambda: None  # the group is used after main() returns
     launch.main(megatron_argv(data_dir, "--channels-from-blend", "easy", "easy", "hard",
                               "--tensorboard-dir", f"{data_dir}/tb"))
@@ -143,7 +154,7 @@ def _stock_worker(rank, world_size, data_dir):
 
     write_blend(data_dir)
     recorded = []
-    megatron.training.pretrain = lambda *args, **kwargs: recorded.append(args)
+    megatron.training.pretrain = lambda *args, **kwargs: recorded.append(pretrain_arguments(args, kwargs))
     launch.finish_run = lambda: None  # the group is used after main() returns
     launch.main(megatron_argv(data_dir, "--channels-from-blend", "--disable-channel-loss"))
     _, provider, _, forward_step = recorded[0]

@@ -35,7 +35,7 @@ import torch
 from pretrain_runs import ROOT, Run, blend_flags, model_flags, read_events, run_pretrain
 from test_pretrain_e2e import data_dir, sft_flags  # noqa: F401  (module fixtures: the tiny data, packed SFT flags)
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 STOCK_SCRIPT = os.path.join(ROOT, "tests", "stock_forward_step.py")
 ITERATIONS = 12

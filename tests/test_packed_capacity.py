@@ -382,3 +382,23 @@ def test_rows_of_our_sft_packer_hand_attention_the_compacted_list(megatron_cpu):
     want_cu += [want_cu[-1]] * (ROWS * DEFAULT_MAX_SEQUENCES_PER_ROW + 1 - len(want_cu))
     assert seen[0].cu_seqlens_q.tolist() == want_cu
     assert_matches(metrics, float64_reference(gpt, batch, spans), "our SFT packer")
+
+
+@pytest.mark.timeout(60)
+def test_sequence_index_for_mamba_layers_is_megatrons_without_a_host_read():
+    """``seq_idx`` (Mamba layers keep packed sequences apart with it) equals what Megatron's own
+    ``PackedSeqParams(total_tokens=...)`` computes, over random boundaries with zero-length
+    sequences and tokens after the last boundary; ours has a fixed shape (no host sync)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_channel.step.model_inputs import sequence_index_of_tokens
+
+    for trial in range(200):
+        rng = random.Random(trial)
+        total = rng.randint(1, 60)
+        cu = [0, *sorted(rng.choices(range(total + 1), k=rng.randint(0, 8)))]
+        if rng.random() < 0.5:
+            cu.append(total)
+        cu = torch.tensor(cu, dtype=torch.int32)
+        want = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, total_tokens=total).seq_idx
+        assert torch.equal(sequence_index_of_tokens(cu, total), want), cu

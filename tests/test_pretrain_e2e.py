@@ -7,29 +7,15 @@ to ``lm loss``, the token counts add up, and the console, the jsonl and TensorBo
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import sys
 
 import pytest
 
-from pretrain_runs import CHANNELS, GLOBAL_BATCH, ROOT, SEQ, blend, blend_flags, close, model_flags, run_pretrain
+from pretrain_runs import CHANNELS, ROOT, blend, blend_flags, close, model_flags, run_pretrain, sft_launch_flags
+from run_checks import check_token_accuracy, check_train_logs, check_validation
 
-pytestmark = pytest.mark.timeout(900)
-
-ITERATION_TOKENS = GLOBAL_BATCH * SEQ  # every blend token is a loss token
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import make_tiny_data
-
-    out = tmp_path_factory.mktemp("tiny_data")
-    make_tiny_data.make_tiny_data(str(out), documents=120, sft_lines=60)
-    return str(out)
-
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
@@ -45,74 +31,6 @@ def runs(tmp_path_factory, data_dir):
         return cache[name]
 
     return get
-
-
-def check_train_logs(run, iteration_tokens: int | None = ITERATION_TOKENS, megatron_lm_loss: bool = True):
-    """The checks every run must pass. ``iteration_tokens``: loss tokens of every iteration,
-    when fixed (then Megatron's own interval ``lm loss`` is token-weighted too)."""
-    records = run.train_records()
-    assert records, run.stdout[-3000:]
-    lines = run.iteration_lines()
-    assert sorted(lines) == [r.iteration for r in records]
-    for record in records:
-        channels = record.channels
-        tokens = sum(c.tokens for c in channels.values())
-        assert tokens == record.loss_tokens > 0  # every token is tracked
-        mix = sum(c.tokens * c.loss for c in channels.values() if c.tokens) / tokens
-        assert close(mix, record.lm_loss_token_weighted), record
-        if iteration_tokens is not None:
-            assert record.loss_tokens == iteration_tokens * record.iterations_in_window
-        line = lines[record.iteration]
-        if megatron_lm_loss:
-            assert close(float(line["lm loss"]), mix), (line["lm loss"], mix)
-        for name, channel in channels.items():
-            assert float(line[f"tokens_{name}"]) == channel.tokens
-            if channel.tokens:
-                assert close(float(line[f"loss_{name}"]), channel.loss, 1e-6)
-            else:
-                assert f"loss_{name}" not in line
-    check_tensorboard_matches(run, records)
-
-
-def check_tensorboard_matches(run, records):
-    """TensorBoard's per-iteration points, summed over a console window, give that window's numbers."""
-    scalars = run.scalars
-    assert "lm loss" in scalars
-    for record in records:
-        window = range(record.iteration - record.iterations_in_window + 1, record.iteration + 1)
-        assert sum(scalars["loss tokens"][i] for i in window) == record.loss_tokens
-        for name, channel in record.channels.items():
-            tokens = [scalars[f"tokens_{name}"][i] for i in window]
-            assert sum(tokens) == channel.tokens
-            if channel.tokens:
-                weighted = sum(t * scalars[f"loss_{name}"][i] for t, i in zip(tokens, window) if t)
-                assert close(weighted / sum(tokens), channel.loss), (name, record.iteration)
-
-
-def check_validation(run, sets=("",)):
-    """Per-channel validation of every evaluated set: present, finite, and the same in the
-    console, the jsonl and TensorBoard (in evaluation order: the final evaluation after
-    training repeats the last iteration's step)."""
-    records = [r for r in run.validation_records() if r.split == "validation"]
-    assert records
-    assert {r.set for r in records} == set(sets)
-    lines = [fields for head, fields in run.validation_lines() if "test set" not in head]
-    assert len(lines) == len(records), [h for h, _ in run.validation_lines()]
-    for record, line in zip(records, lines):
-        present = {name: c for name, c in record.channels.items() if c.tokens}
-        assert present, record
-        assert sum(c.tokens for c in record.channels.values()) == record.loss_tokens
-        for name, channel in present.items():
-            assert math.isfinite(channel.loss)
-            assert close(float(line[f"loss_{name} value"]), channel.loss, 1e-6)
-            assert float(line[f"tokens_{name}"]) == channel.tokens
-    for suffix in sets:
-        for name in records[0].channels:
-            logged = [(r.iteration, r.channels[name].loss) for r in records
-                      if r.set == suffix and r.channels[name].tokens]
-            points = run.events.get(f"loss_{name} validation{suffix}", [])
-            assert [step for step, _ in points] == [it for it, _ in logged]
-            assert all(close(value, loss) for (_, value), (_, loss) in zip(points, logged))
 
 
 def test_data_parallel(runs):
@@ -210,15 +128,7 @@ def test_context_parallel(runs):
 
 @pytest.fixture(scope="module")
 def sft_flags(data_dir):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import make_sft_tokenizer
-
-    tokenizer = make_sft_tokenizer.write_sft_tokenizer(os.path.join(data_dir, "sft_tokenizer"))
-    return dict(
-        data=["--sft", "--data-path", "0.8", f"{data_dir}/sft/mixed.jsonl", "0.2", f"{data_dir}/sft/unlabeled.jsonl",
-              "--split", "90,10,0", "--seq-length", "128", "--max-position-embeddings", "128"],
-        tokenizer=["--tokenizer-type", "SFTTokenizer", "--tokenizer-model", tokenizer],
-    )
+    return sft_launch_flags(data_dir)
 
 
 SFT_PARALLEL = {
@@ -275,38 +185,28 @@ def test_token_accuracy_with_renamed_keys_leaves_training_bitwise(runs, parallel
     for iteration, fields in lines.items():
         for key in ("lm loss", "grad norm"):
             assert fields[key] == base_lines[iteration][key], (iteration, key)
-    scalars = run.scalars
-    for record in run.train_records():
-        assert record.token_acc is not None and 0.0 <= record.token_acc <= 1.0
-        tracked = {name: c for name, c in record.channels.items() if c.tokens}
-        assert sum(c.tokens * c.accuracy for c in tracked.values()) / record.loss_tokens == pytest.approx(
-            record.token_acc, rel=1e-9)
-        line = lines[record.iteration]
-        assert abs(float(line["token acc"]) - record.token_acc) <= 5e-5
-        for name, channel in record.channels.items():
-            if not channel.tokens:
-                assert channel.accuracy is None and f"{name}_token_acc" not in line
-                continue
-            assert 0.0 <= channel.accuracy <= 1.0
-            assert abs(float(line[f"{name}_token_acc"]) - channel.accuracy) <= 5e-5
-            assert close(float(line[f"{name}_loss"]), channel.loss, 1e-6) and f"loss_{name}" not in line
-            window = range(record.iteration - record.iterations_in_window + 1, record.iteration + 1)
-            tokens = [scalars[f"tokens_{name}"][i] for i in window]
-            correct = sum(t * scalars[f"{name}_token_acc"][i] for t, i in zip(tokens, window) if t)
-            assert correct / sum(tokens) == pytest.approx(channel.accuracy, rel=1e-6)
-    validation = [r for r in run.validation_records() if r.split == "validation"]
-    assert validation and all(r.token_acc is not None for r in validation)
-    for name in CHANNELS:
-        logged = [(r.iteration, r.channels[name].accuracy) for r in validation if r.channels[name].tokens]
-        points = run.events[f"{name}_token_acc validation"]
-        assert [step for step, _ in points] == [it for it, _ in logged]
-        assert all(abs(value - acc) < 1e-6 for (_, value), (_, acc) in zip(points, logged))
-    assert "token acc validation" in run.events
-    lines = [fields for head, fields in run.validation_lines() if "test set" not in head]
-    assert len(lines) == len(validation)
-    for record, fields in zip(validation, lines):
-        assert abs(float(fields["token acc value"]) - record.token_acc) <= 5e-5
-        for name, channel in record.channels.items():
-            if channel.tokens:
-                assert abs(float(fields[f"{name}_token_acc value"]) - channel.accuracy) <= 5e-5
-                assert close(float(fields[f"{name}_loss value"]), channel.loss, 1e-6)
+    check_token_accuracy(run, loss_key="{name}_loss", accuracy_key="{name}_token_acc")
+
+
+HYBRID = ["--hybrid-layer-pattern", "*-*-"]  # two GPT blocks: attention (*) then MLP (-)
+
+
+@pytest.mark.parametrize("parallel", ["dp2", "tp2"])
+def test_hybrid_model_with_token_accuracy(runs, parallel):
+    """HybridModel, as Megatron's pretrain_hybrid.py builds it (GPTModel is deprecated from 0.19),
+    at DP = 2 and TP = 2: channels, validation and token accuracy (read by the output-layer
+    hook) all check out; at DP = 2 lm loss and grad norm are bitwise those of the same run
+    without channel accounting (--disable-channel-loss: stock loss_func and logging)."""
+    extra = ["--tensor-model-parallel-size", "2"] if parallel == "tp2" else []
+    run = runs(f"hybrid_{parallel}_accuracy", "--train-iters", "10", *HYBRID, *extra, "--channel-token-accuracy")
+    assert "HybridModel: pp_rank=0/1" in run.output and "hybrid_spec hybrid_stack_spec" in run.output
+    check_train_logs(run)
+    check_validation(run)
+    check_token_accuracy(run)
+    if parallel == "dp2":
+        stock = runs("hybrid_dp2_stock", "--train-iters", "10", *HYBRID, "--disable-channel-loss")
+        lines, stock_lines = run.iteration_lines(), stock.iteration_lines()
+        assert sorted(lines) == sorted(stock_lines)
+        for iteration, fields in lines.items():
+            for key in ("lm loss", "grad norm"):
+                assert fields[key] == stock_lines[iteration][key], (iteration, key)

@@ -56,6 +56,7 @@ from megatron_channel.channel_logging.wrappers import (
     ChannelLoggingState,
     wrap_evaluate,
     wrap_evaluate_and_print_results,
+    wrap_print_rank_last,
     wrap_train_step,
     wrap_training_log,
 )
@@ -298,6 +299,7 @@ def test_real_evaluate_and_print_results_shows_exact_validation_losses(megatron_
     jsonl = tmp_path / "eval.jsonl"
     state = ChannelLoggingState(CONFIG, str(jsonl))
     monkeypatch.setattr(training, "evaluate", wrap_evaluate(evaluate_stand_in, state))
+    monkeypatch.setattr(training, "print_rank_last", wrap_print_rank_last(training.print_rank_last, state))
     evaluate_and_print = wrap_evaluate_and_print_results(training.evaluate_and_print_results, state, training)
     batches = [microbatch(0, i) for i in range(MICROBATCHES)] * 2  # rank 0's plan: math and code only
 
@@ -349,7 +351,8 @@ def training_module_printing(train_line: str, validation_line: str, state: Chann
     (every ``--log-interval 2`` iterations and at the first; once per evaluation)."""
     printed: list[str] = []
     margs = SimpleNamespace(log_interval=2, tensorboard_log_interval=1000, consumed_train_samples=0)
-    module = SimpleNamespace(print_rank_last=printed.append, get_args=lambda: margs,
+    # print_rank_last as install_channel_logging leaves it: wrapped for the state's edits.
+    module = SimpleNamespace(print_rank_last=wrap_print_rank_last(printed.append, state), get_args=lambda: margs,
                              get_tensorboard_writer=lambda: None, get_wandb_writer=lambda: None)
 
     def training_log(loss_dict, iteration, skipped_iter=0, is_first_iteration=False):
@@ -384,7 +387,7 @@ def test_a_reworded_iteration_line_warns_once_after_the_first_log_intervals(rewo
     if reworded:
         (message,) = channel_warnings(caught)  # once, not at every interval after
         assert warned_at == [4]  # the second log interval (iterations 2 and 4)
-        assert "no Megatron iteration line" in message and "0.19" in message and "jsonl" in message
+        assert "no Megatron iteration line" in message and "0.17 to 0.19" in message and "jsonl" in message
         assert not any("loss_math" in line for line in printed)
     else:
         assert channel_warnings(caught) == []

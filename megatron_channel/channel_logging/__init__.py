@@ -24,11 +24,12 @@ The parts, one module each, in the order a value passes them:
 * ``names``: every name a value is shown or written under.
 * ``log_fields``: the console fields and the TensorBoard / W&B scalars.
 * ``jsonl_schema``: the jsonl records, written here and read by the plotter and the tests.
-* ``wrappers``: the four wrappers and the state they share.
-* ``megatron_check``: the installed-megatron-core checks run at install time.
+* ``wrappers``: the four wrappers (and ``print_rank_last``'s) and the state they share.
 * ``install``: ``install_channel_logging`` / ``uninstall_channel_logging``.
 
-The public names are exported by ``megatron_channel`` itself.
+What they assume about Megatron's loop, the install-time checks and the patch helper they
+are installed with live in ``megatron_channel.megatron_internals``. The public names are
+exported by ``megatron_channel`` itself.
 
 Not supported (refused with an error naming it): ``--cuda-graph-impl full_iteration``
 (replayed graphs never call ``loss_func`` in Python, so nothing could be captured).
@@ -38,7 +39,7 @@ from .._moved_modules import moved_names
 # This package was one module that re-exported the names of the others.
 __getattr__ = moved_names(
     __name__,
-    ("install", "wrappers", "metric_capture", "windows", "log_fields", "jsonl_schema", "names", "megatron_check"),
+    ("install", "wrappers", "metric_capture", "windows", "log_fields", "jsonl_schema", "names"),
     {"ChannelLogger": "ChannelLoggingState", "installed_channel_logger": "installed_channel_logging",
      "reduce_captured": "all_reduce_totals"},
 )

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import ChannelConfig
-from .megatron_check import EXPECTED_SIGNATURES, check_megatron_internals, unwrapped
+from ..megatron_internals.loop import WRAPPED_PARAMETERS, check_megatron_internals, training_module
+from ..megatron_internals.patches import Patch, apply_patch, original_of
+from ..megatron_internals.releases import MegatronRelease, installed_version
 from .wrappers import (
     ChannelLoggingState,
     wrap_evaluate,
     wrap_evaluate_and_print_results,
+    wrap_print_rank_last,
     wrap_train_step,
     wrap_training_log,
 )
@@ -20,9 +22,8 @@ from .wrappers import (
 @dataclass
 class _Installation:
     state: ChannelLoggingState
-    module: object
-    originals: dict[str, Callable]
-    wrappers: dict[str, Callable]
+    patch: Patch
+    release: MegatronRelease
 
 
 _INSTALLED: _Installation | None = None
@@ -32,9 +33,9 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
     """Log per-channel losses and token counts from Megatron's training loop.
 
     Call once in the launch script before ``pretrain()``. Checks the installed megatron-core
-    first (``MegatronInternalsError`` naming what changed). Installing again with the same
-    arguments does nothing; with other arguments it replaces the previous installation (and
-    its counters). Never wraps twice.
+    first (``MegatronInternalsError`` naming what changed; see ``megatron_internals``).
+    Installing again with the same arguments does nothing; with other arguments it replaces
+    the previous installation (and its counters). Never wraps twice.
 
     Args:
         config: the same ``ChannelConfig`` given to ``make_forward_step``.
@@ -53,10 +54,9 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
             return
         uninstall_channel_logging()
 
-    import megatron.training.training as module
-
-    check_megatron_internals(module)
-    originals = {name: unwrapped(getattr(module, name)) for name in EXPECTED_SIGNATURES}
+    module = training_module()
+    release = check_megatron_internals(module)
+    originals = {name: original_of(getattr(module, name)) for name in (*WRAPPED_PARAMETERS, "print_rank_last")}
     state = ChannelLoggingState(config, jsonl_path)
     wrappers = {
         "train_step": wrap_train_step(originals["train_step"], state),
@@ -65,10 +65,12 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
         "evaluate_and_print_results": wrap_evaluate_and_print_results(
             originals["evaluate_and_print_results"], state, module
         ),
+        "print_rank_last": wrap_print_rank_last(originals["print_rank_last"], state),
     }
-    for name, wrapper in wrappers.items():
-        setattr(module, name, wrapper)
-    _INSTALLED = _Installation(state, module, originals, wrappers)
+    version = ".".join(map(str, installed_version()))
+    loop = release.name if version.startswith(release.name + ".") else f"{version}, run as {release.name}"
+    patch = apply_patch(module, wrappers, reason=f"per-channel logging, megatron-core {loop} loop")
+    _INSTALLED = _Installation(state, patch, release)
 
 
 def uninstall_channel_logging() -> None:
@@ -76,14 +78,7 @@ def uninstall_channel_logging() -> None:
     global _INSTALLED
     if _INSTALLED is None:
         return
-    replaced = [n for n, w in _INSTALLED.wrappers.items() if getattr(_INSTALLED.module, n) is not w]
-    if replaced:
-        raise RuntimeError(
-            f"megatron.training.training.{replaced} were replaced after install_channel_logging, "
-            "which would be lost; undo those replacements first"
-        )
-    for name, original in _INSTALLED.originals.items():
-        setattr(_INSTALLED.module, name, original)
+    _INSTALLED.patch.undo()
     _INSTALLED = None
 
 

@@ -10,12 +10,10 @@ Names: ``names``.
 from __future__ import annotations
 
 from ..config import ChannelConfig
+from ..megatron_internals.loop import ITERATION_LINE_MARK, LOSS_SCALE_FIELD, VALIDATION_LINE_MARK
 from .names import ALL_TOKENS_NAME, CUMULATIVE, LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, tokens_name, validation_name
 from .windows import ChannelReport, ChannelStats
 
-# How Megatron 0.19 words the lines the fields go into; ``wrappers`` warns when none is seen.
-ITERATION_LINE_MARK = " iteration "
-VALIDATION_LINE_MARK = " loss at "
 
 
 def is_iteration_line(message) -> bool:
@@ -64,7 +62,7 @@ def insert_into_iteration_line(line: str, fields: str) -> str:
         end = line.find("|", anchor)
         if end >= 0:
             return line[: end + 1] + fields + line[end + 1 :]
-    anchor = line.find(" loss scale:")
+    anchor = line.find(LOSS_SCALE_FIELD)
     if anchor >= 0:
         return line[:anchor] + fields + line[anchor:]
     return line + fields

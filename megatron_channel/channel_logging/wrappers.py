@@ -13,8 +13,9 @@
 * ``training_log`` wrapper: adds the totals of every non-skipped iteration (skipped
   iterations are left out, as Megatron leaves them out of ``lm loss``) to three float64
   windows of a ``ChannelAccountant``: the console interval, the TensorBoard interval and the
-  whole run. While the original runs, the module-level ``print_rank_last`` is swapped for one
-  that inserts the channel fields into the iteration line after ``lm loss``; TensorBoard and
+  whole run. While the original runs, the module's ``print_rank_last`` (replaced by
+  ``wrap_print_rank_last`` for as long as the logging is installed) inserts the channel
+  fields into the iteration line after ``lm loss``; TensorBoard and
   W&B get the values through Megatron's own writers. Like Megatron's, the first iteration's
   console line does not reset the interval, so the next line covers it again.
 * ``evaluate`` wrapper: same capture; one all-reduce per evaluation; puts the exact channel
@@ -25,7 +26,7 @@
 * ``evaluate_and_print_results`` wrapper: appends validation token counts to the printed
   line, writes them to TensorBoard / W&B and writes the jsonl records (last rank only).
 
-If Megatron's console lines are worded differently from 0.19's (a newer release), the
+If Megatron's console lines are worded differently from 0.17 to 0.19's (a newer release), the
 fields cannot be placed: ``training_log`` warns after ``UNRECOGNISED_LINE_INTERVALS`` log
 intervals without a recognised iteration line, and ``evaluate_and_print_results`` after an
 evaluation without a recognised validation line (``ChannelLoggingWarning``, once each).
@@ -56,7 +57,8 @@ from .log_fields import (
     validation_console_fields,
     validation_scalars,
 )
-from .megatron_check import SUPPORT_HINT, MegatronInternalsError, mark_wrapper
+from ..megatron_internals.loop import TEST_SET_PREFIX_END, TRAIN_STEP_RESULT_LENGTH, megatron_args, support_hint
+from ..megatron_internals.releases import MegatronInternalsError
 from .metric_capture import ChannelMetricsError, all_reduce_totals, capturing_forward_step, dp_cp_group
 from .names import VS_SAMPLES
 from .windows import ChannelAccountant, ChannelReport, ChannelStats
@@ -80,6 +82,8 @@ class ChannelLoggingState:
         pending_train_totals: the totals table (``windows``) of the iteration train_step just ran,
             for training_log.
         pending_evals: one ``ChannelStats`` per evaluate call, for evaluate_and_print_results.
+        print_edit: while a wrapped function runs, what ``wrap_print_rank_last`` applies to
+            each message before printing it; None otherwise.
         iteration_line_seen: a Megatron iteration line was recognised at least once.
         intervals_without_line: log intervals that ended with no recognised iteration line.
         warned: the warnings already given (each at most once).
@@ -90,6 +94,7 @@ class ChannelLoggingState:
     accountant: ChannelAccountant = field(init=False)
     pending_train_totals: Tensor | None = None
     pending_evals: list[ChannelStats] = field(default_factory=list)
+    print_edit: Callable[[object], object] | None = None
     iteration_line_seen: bool = False
     intervals_without_line: int = 0
     warned: set[str] = field(default_factory=set)
@@ -135,11 +140,12 @@ def wrap_train_step(original: Callable, state: ChannelLoggingState) -> Callable:
         bound.arguments["forward_backward_func"] = forward_backward_restarting_capture
         state.pending_train_totals = None
         result = original(*bound.args, **bound.kwargs)
-        if not (isinstance(result, tuple) and len(result) == 8 and isinstance(result[0], dict)):
+        if not (isinstance(result, tuple) and len(result) == TRAIN_STEP_RESULT_LENGTH
+                and isinstance(result[0], dict)):
             raise MegatronInternalsError(
                 f"megatron.training.training.train_step returned {type(result).__name__} "
-                f"of length {len(result) if isinstance(result, tuple) else '?'}; expected its 8-tuple "
-                f"starting with the loss dict. {SUPPORT_HINT}"
+                f"of length {len(result) if isinstance(result, tuple) else '?'}; expected its "
+                f"{TRAIN_STEP_RESULT_LENGTH}-tuple starting with the loss dict. {support_hint()}"
             )
         if result[0]:  # last pipeline stage, with losses: every dp x cp peer is here too
             if not captured:
@@ -150,17 +156,12 @@ def wrap_train_step(original: Callable, state: ChannelLoggingState) -> Callable:
             state.pending_train_totals = all_reduce_totals(captured, dp_cp_group(bound.arguments["model"]))
         return result
 
-    return mark_wrapper(train_step, original)
+    return train_step
 
 
 def _refuse_full_iteration_graphs() -> None:
-    from megatron.training.global_vars import get_args
-
-    try:
-        args = get_args()
-    except AssertionError:  # args not set: called outside pretrain(), nothing to check
-        return
-    if getattr(args, "cuda_graph_impl", None) == "full_iteration":
+    args = megatron_args()
+    if args is not None and getattr(args, "cuda_graph_impl", None) == "full_iteration":
         raise MegatronInternalsError(
             "--cuda-graph-impl full_iteration replays the whole iteration without calling loss_func in "
             "Python, so per-channel logging cannot see any metrics; use another --cuda-graph-impl or "
@@ -168,19 +169,29 @@ def _refuse_full_iteration_graphs() -> None:
         )
 
 
+def wrap_print_rank_last(original: Callable, state: ChannelLoggingState) -> Callable:
+    """``print_rank_last`` that prints ``state.print_edit(message)`` while a wrapper sets one."""
+
+    @functools.wraps(original)
+    def print_rank_last(message):
+        edit = state.print_edit
+        return original(message if edit is None else edit(message))
+
+    return print_rank_last
+
+
 @contextlib.contextmanager
-def printing_through(module, edit: Callable[[object], object]):
-    """While the block runs, ``module.print_rank_last`` prints ``edit(message)`` instead."""
-    print_original = module.print_rank_last
-    module.print_rank_last = lambda message: print_original(edit(message))
+def editing_prints(state: ChannelLoggingState, edit: Callable[[object], object]):
+    """While the block runs, ``wrap_print_rank_last`` prints ``edit(message)``."""
+    state.print_edit = edit
     try:
         yield
     finally:
-        module.print_rank_last = print_original
+        state.print_edit = None
 
 
 def wrap_training_log(original: Callable, state: ChannelLoggingState, module) -> Callable:
-    """``training_log`` that also logs the channels (``module``: where ``print_rank_last`` lives)."""
+    """``training_log`` that also logs the channels (``module``: where its ``get_args`` and writers live)."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -208,7 +219,7 @@ def wrap_training_log(original: Callable, state: ChannelLoggingState, module) ->
                     message = insert_into_iteration_line(message, console_fields(report, state.config))
             return message
 
-        with printing_through(module, with_channels):
+        with editing_prints(state, with_channels):
             result = original(*bound.args, **bound.kwargs)
         check_iteration_line_seen(state, line_seen[0], iteration % margs.log_interval == 0)
 
@@ -221,7 +232,7 @@ def wrap_training_log(original: Callable, state: ChannelLoggingState, module) ->
                                loss_keys=set(state.config.metric_keys()))
         return result
 
-    return mark_wrapper(training_log, original)
+    return training_log
 
 
 def check_iteration_line_seen(state: ChannelLoggingState, seen: bool, interval_ended: bool) -> None:
@@ -236,7 +247,7 @@ def check_iteration_line_seen(state: ChannelLoggingState, seen: bool, interval_e
                 f"no Megatron iteration line (' iteration N/ M | ...') was recognised in the first "
                 f"{state.intervals_without_line} log intervals, so the console shows no channel fields; "
                 "TensorBoard, W&B and the jsonl still get them. megatron_channel reads megatron-core "
-                "0.19's console format: install 0.19.x, or read the channels from TensorBoard or the jsonl",
+                "0.17 to 0.19's console format: install one of those, or read the channels from TensorBoard or the jsonl",
             )
 
 
@@ -276,7 +287,7 @@ def wrap_evaluate(original: Callable, state: ChannelLoggingState) -> Callable:
         state.pending_evals.append(stats)
         return result
 
-    return mark_wrapper(evaluate, original)
+    return evaluate
 
 
 def validation_suffixes(margs, count: int) -> list[str]:
@@ -305,7 +316,7 @@ def wrap_evaluate_and_print_results(original: Callable, state: ChannelLoggingSta
                 printed[0] += 1
             return message
 
-        with printing_through(module, with_tokens):
+        with editing_prints(state, with_tokens):
             result = original(*bound.args, **bound.kwargs)
 
         evals, state.pending_evals = list(state.pending_evals), []
@@ -314,11 +325,11 @@ def wrap_evaluate_and_print_results(original: Callable, state: ChannelLoggingSta
                 "validation line",
                 "no Megatron validation line (' validation loss at ... |') was recognised, so the console "
                 "shows no channel token counts for this evaluation; the losses, TensorBoard, W&B and the "
-                "jsonl are unaffected. megatron_channel reads megatron-core 0.19's console format",
+                "jsonl are unaffected. megatron_channel reads megatron-core 0.17 to 0.19's console format",
             )
         margs = module.get_args()
         iteration = bound.arguments["iteration"]
-        split = "test" if str(bound.arguments["prefix"]).endswith("test set") else "validation"
+        split = "test" if str(bound.arguments["prefix"]).endswith(TEST_SET_PREFIX_END) else "validation"
         for stats, suffix in zip(evals, validation_suffixes(margs, len(evals))):
             if bound.arguments["write_to_tensorboard"]:
                 _write_scalars(module, validation_scalars(stats, state.config, suffix), iteration, margs)
@@ -333,4 +344,4 @@ def wrap_evaluate_and_print_results(original: Callable, state: ChannelLoggingSta
             writer.flush()
         return result
 
-    return mark_wrapper(evaluate_and_print_results, original)
+    return evaluate_and_print_results

@@ -7,6 +7,6 @@
 """
 
 from .core_attention import CpuCoreAttention, gpt_layer_spec
-from .cuda_on_cpu import cuda_on_cpu_installed, install_cuda_on_cpu
+from .cuda_on_cpu import cuda_on_cpu_installed, install_cuda_on_cpu, uninstall_cuda_on_cpu
 
-__all__ = ["CpuCoreAttention", "cuda_on_cpu_installed", "gpt_layer_spec", "install_cuda_on_cpu"]
+__all__ = ["CpuCoreAttention", "cuda_on_cpu_installed", "gpt_layer_spec", "install_cuda_on_cpu", "uninstall_cuda_on_cpu"]

@@ -8,7 +8,9 @@ that owns one "device", so that no Megatron function has to be replaced. Each st
 below says which Megatron code needs it.
 
 Installed by ``scripts/pretrain_gpt_channel.py --cpu`` (and the tests that run it), never
-on a machine that trains on GPUs. Pair it with Megatron's own flags
+on a machine that trains on GPUs. Every replacement goes through
+``megatron_internals.patches.apply_patch`` (marked, logged, undone by ``uninstall_cuda_on_cpu``).
+Pair it with Megatron's own flags
 ``--distributed-backend gloo --transformer-impl local`` (``--cpu`` sets them, and the launch
 turns off the Apex-only defaults) and, for packed rows or CP, ``megatron_channel.cpu.core_attention``.
 """
@@ -24,6 +26,8 @@ from types import SimpleNamespace
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from ..megatron_internals.patches import Patch, apply_patch, find_patch
 
 _CPU = torch.device("cpu")
 
@@ -210,19 +214,14 @@ def _cuda_stand_ins() -> dict:
     }
 
 
-def _push_mode_in_new_threads() -> None:
+def _thread_run_in_mode(original_run):
     # Torch function modes are per thread: Megatron's async workers and a data loader's
     # pin-memory thread must see CUDA devices rewritten too.
-    original_run = threading.Thread.run
-    if getattr(original_run, "_cuda_on_cpu", False):
-        return
-
     def run(self):
         with CudaDevicesOnCpu():
             original_run(self)
 
-    run._cuda_on_cpu = True
-    threading.Thread.run = run
+    return run
 
 
 def allocate_global_buffers_on_cpu() -> None:
@@ -237,7 +236,7 @@ def allocate_global_buffers_on_cpu() -> None:
 
     from megatron.core import utils as core_utils
 
-    if getattr(core_utils.GlobalMemoryBuffer.get_tensor, "_on_cpu", False):
+    if find_patch(core_utils.GlobalMemoryBuffer, "get_tensor") is not None:
         return
 
     def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
@@ -247,15 +246,17 @@ def allocate_global_buffers_on_cpu() -> None:
             buf = self.buffer[(name, dtype)] = torch.empty(required, dtype=dtype)
         return buf[:required].view(*tensor_shape)
 
-    get_tensor._on_cpu = True
-    core_utils.GlobalMemoryBuffer.get_tensor = get_tensor
+    apply_patch(core_utils.GlobalMemoryBuffer, {"get_tensor": get_tensor},
+                reason="tests without --cpu: Megatron's global buffer allocates on the CPU")
 
 
 _MODE: CudaDevicesOnCpu | None = None
+_PATCHES: list[Patch] = []
 
 
 def install_cuda_on_cpu() -> None:
-    """Answer CUDA calls on the CPU for the rest of this process (idempotent)."""
+    """Answer CUDA calls on the CPU for the rest of this process (idempotent; ``uninstall_cuda_on_cpu``
+    undoes it)."""
     global _MODE
     if _MODE is not None:
         return
@@ -265,24 +266,37 @@ def install_cuda_on_cpu() -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import torch._dynamo
 
-    torch._dynamo.config.disable = True
-    for name, value in _cuda_stand_ins().items():
-        setattr(torch.cuda, name, value)
-    # torch.cuda.random holds the same functions under a second name.
-    for name in ("get_rng_state", "set_rng_state", "manual_seed", "manual_seed_all"):
-        setattr(torch.cuda.random, name, _cuda_stand_ins()[name])
-    torch.cuda.nvtx.range_push = _returning(None)
-    torch.cuda.nvtx.range_pop = _returning(None)
-    torch.cuda.nvtx.range = lambda *args, **kwargs: contextlib.nullcontext()
-    # Adam's graph-capture health check asks the accelerator runtime for its stream.
-    torch.accelerator.current_accelerator = _returning(None)
-    torch.nn.Module.cuda = lambda self, device=None: self
+    reason = "--cpu: CUDA calls answered on the CPU"
+    stand_ins = _cuda_stand_ins()
+    _PATCHES.extend([
+        apply_patch(torch._dynamo.config, {"disable": True}, reason=reason, wrap=False),
+        apply_patch(torch.cuda, stand_ins, reason=reason, wrap=False),
+        # torch.cuda.random holds the same functions under a second name.
+        apply_patch(torch.cuda.random, {n: stand_ins[n] for n in ("get_rng_state", "set_rng_state", "manual_seed",
+                                                                   "manual_seed_all")}, reason=reason, wrap=False),
+        apply_patch(torch.cuda.nvtx, {"range_push": _returning(None), "range_pop": _returning(None),
+                                      "range": lambda *args, **kwargs: contextlib.nullcontext()}, reason=reason),
+        # Adam's graph-capture health check asks the accelerator runtime for its stream.
+        apply_patch(torch.accelerator, {"current_accelerator": _returning(None)}, reason=reason),
+        apply_patch(torch.nn.Module, {"cuda": lambda self, device=None: self}, reason=reason),
+        apply_patch(threading.Thread, {"run": _thread_run_in_mode(threading.Thread.run)}, reason=reason),
+    ])
     # Every tensor-parallel fork of the (shared) generator changes the CPU state, which the
     # RNG tracker reports as a warning each time; it is expected here.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
-    _push_mode_in_new_threads()
     _MODE = CudaDevicesOnCpu()
     _MODE.__enter__()
+
+
+def uninstall_cuda_on_cpu() -> None:
+    """Undo ``install_cuda_on_cpu`` (no-op when not installed)."""
+    global _MODE
+    if _MODE is None:
+        return
+    _MODE.__exit__(None, None, None)
+    _MODE = None
+    while _PATCHES:
+        _PATCHES.pop().undo()
 
 
 def cuda_on_cpu_installed() -> bool:

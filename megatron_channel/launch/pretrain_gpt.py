@@ -1,10 +1,12 @@
-"""What ``scripts/pretrain_gpt_channel.py`` runs: Megatron-LM's pretrain_gpt, with channels.
+"""What ``scripts/pretrain_gpt_channel.py`` runs: Megatron-LM's pretrain_gpt (or, with
+``--hybrid-layer-pattern``, pretrain_hybrid), with channels.
 
-``pretrain_gpt.py`` lives at the Megatron-LM repository root and ships in no wheel, so its
-pieces are rebuilt here for megatron-core 0.19: Megatron's arguments plus the channel flags,
-the GPT model from Megatron's own ``GPTModelConfig`` builder, a datasets provider whose
-samples carry ``channels`` (blend components or SFT jsonl fields), our ``forward_step``, and
-the NaN-free channel logging, all handed to ``megatron.training.pretrain``.
+Those scripts live at the Megatron-LM repository root and ship in no wheel, so their pieces
+are rebuilt here: Megatron's arguments plus the channel flags, the model (``models``), a
+datasets provider whose samples carry ``channels`` (blend components or SFT jsonl fields),
+our ``forward_step``, and the NaN-free channel logging, all handed to
+``megatron.training.pretrain`` in the installed release's convention
+(``megatron_internals.launch``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from ..channel_logging.install import install_channel_logging
 from ..data.sft import sft_dataset_class
 from ..data.tagged import blend_component_paths, tag_datasets
+from ..megatron_internals.launch import model_config, parse_megatron_args, run_pretrain
+from ..megatron_internals.patches import log_patches_to_stderr
+from ..megatron_internals.releases import release_for
 from ..settings import ChannelSettings, add_channel_args, channel_settings_from_args
 from ..step.forward_step import make_forward_step
 from ..step.layout import rows_are_packed
 from ..step.loss import stock_loss_func
+from .models import is_hybrid, model_provider
 from .startup import (
     apply_defaults_without_apex,
     check_cpu_args,
@@ -48,7 +54,12 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
     if args.per_dataset_sequences_path is not None:
         with open(args.per_dataset_sequences_path) as f:
             sequences_per_dataset = json.load(f)
+    if any(f.name == "inter_document_masking" for f in dataclasses.fields(GPTDatasetConfig)):  # 0.19 on
+        more = dict(inter_document_masking=bool(getattr(args, "dataloader_inter_document_masking", False)))
+    else:
+        more = {}
     return GPTDatasetConfig(
+        **more,
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=blend,
@@ -66,7 +77,6 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
         # Packed SFT rows attend through cu_seqlens; Megatron's SFT dataset refuses a dense mask.
         create_attention_mask=args.create_attention_mask_in_dataloader and not args.sft,
         context_parallel_size=args.context_parallel_size,
-        inter_document_masking=bool(getattr(args, "dataloader_inter_document_masking", False)),
         object_storage_cache_path=args.object_storage_cache_path,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
@@ -206,11 +216,8 @@ def with_loss_checks(forward_step, args):
 
 def main(argv: list[str] | None = None) -> None:
     """Parse Megatron + channel arguments, install channel logging, run ``pretrain``."""
-    from megatron.core.enums import ModelType
-    from megatron.training import pretrain
-    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
-    from megatron.training.arguments import parse_and_validate_args
-
+    log_patches_to_stderr()
+    release = release_for()  # megatron-core older than the oldest supported stops here
     argv, cpu = cpu_argv(sys.argv[1:] if argv is None else argv)
     require_cuda_or_cpu(cpu)
     if cpu:
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         install_cuda_on_cpu()
     skip_built_dataset_helpers()
     sys.argv = [sys.argv[0], *argv]
-    args = parse_and_validate_args(extra_args_provider=add_launch_args)
+    args = parse_megatron_args(release, add_launch_args)
     args.cpu = cpu
     apply_defaults_without_apex(args)
     if cpu:
@@ -227,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = channel_settings_from_args(args)  # every channel mistake stops here, before training
     check_channel_source(args, settings)
     config = settings.channel_config()
+    provider = model_provider(args, release)  # a model flag this release cannot build stops here
     # A --yaml-cfg namespace holds only the YAML's keys.
     channel_loss = not getattr(args, "disable_channel_loss", False)
     if channel_loss:
@@ -237,12 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     if channel_loss:
         jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
         install_channel_logging(config, jsonl_path=jsonl)
-    pretrain(
-        pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
-        datasets_provider(settings),
-        ModelType.encoder_or_decoder,
-        forward_step,
-    )
+    run_pretrain(release, args, datasets_provider(settings), forward_step, provider,
+                 model_config(release, args, hybrid=is_hybrid(args)))
     finish_run()
 
 

@@ -20,6 +20,7 @@ import importlib.util
 
 import torch
 
+from ..megatron_internals.patches import apply_patch, find_patch
 from ..step.layout import rows_are_packed
 
 CPU_FLAG = "--cpu"
@@ -32,6 +33,10 @@ CPU_DEFAULT_FLAGS = (
     "--num-workers", "0",  # no loader processes to compete with the ranks for the cores
 )
 CPU_ATTENTION_SPEC = ("megatron_channel.cpu", "gpt_layer_spec")
+# HybridModel on the CPU: Megatron's local attention (*) and MLP (-) layers; Mamba (M), GDN (G),
+# MoE (E) and latent attention (D, +) need CUDA kernels or Transformer Engine specs.
+CPU_HYBRID_SPEC = ("megatron_channel.cpu.hybrid_spec", "hybrid_stack_spec")
+CPU_HYBRID_SYMBOLS = frozenset("*-|/")
 
 
 class LaunchError(RuntimeError):
@@ -39,12 +44,12 @@ class LaunchError(RuntimeError):
 
 
 def skip_built_dataset_helpers() -> None:
-    """Make Megatron's dataset-helper compile a no-op when the built helpers import."""
+    """Make Megatron's dataset-helper compile a no-op when the built helpers import (idempotent)."""
     from megatron.core.datasets import utils as dataset_utils
 
-    original = dataset_utils.compile_helpers
-    if getattr(original, "_skips_built_helpers", False):
+    if find_patch(dataset_utils, "compile_helpers") is not None:
         return
+    original = dataset_utils.compile_helpers
 
     def compile_helpers():
         try:
@@ -53,9 +58,9 @@ def skip_built_dataset_helpers() -> None:
             return original()  # a source checkout: build them as Megatron does
         print("> dataset index helpers already built (megatron.core.datasets.helpers_cpp), not compiling", flush=True)
 
-    compile_helpers._skips_built_helpers = True
     # initialize_megatron imports compile_helpers from this module when it calls it.
-    dataset_utils.compile_helpers = compile_helpers
+    apply_patch(dataset_utils, {"compile_helpers": compile_helpers},
+                reason="the wheel ships the dataset helpers built but no Makefile to build them")
 
 
 def has_module(name: str) -> bool:
@@ -116,7 +121,9 @@ def check_cpu_args(args) -> None:
     for flag, on in (("--bf16", args.bf16), ("--fp16", args.fp16)):
         if on:
             raise LaunchError(f"--cpu trains in float32 over gloo; drop {flag}")
-    if needs_cpu_attention(args):
+    if getattr(args, "hybrid_layer_pattern", None):
+        check_cpu_hybrid_args(args)
+    elif needs_cpu_attention(args):
         if args.spec is None:
             args.spec = list(CPU_ATTENTION_SPEC)
             if args.rank == 0:
@@ -127,3 +134,24 @@ def check_cpu_args(args) -> None:
                 "--cpu with packed rows (--sft) or --context-parallel-size > 1 needs the CPU attention: "
                 f"use --spec {' '.join(CPU_ATTENTION_SPEC)} (or drop --spec)"
             )
+
+
+def check_cpu_hybrid_args(args) -> None:
+    """``--cpu`` with ``--hybrid-layer-pattern``: attention and MLP layers only, with the CPU spec."""
+    pattern = args.hybrid_layer_pattern
+    other = sorted(set(pattern) - CPU_HYBRID_SYMBOLS)
+    if other:
+        raise LaunchError(
+            f"--cpu builds a HybridModel of attention (*) and MLP (-) layers only; --hybrid-layer-pattern "
+            f"{pattern!r} also has {other}, whose layers (Mamba M, GDN G, MoE E, latent attention D/+) need CUDA "
+            "kernels or Transformer Engine: train that pattern on GPUs"
+        )
+    if args.spec is None:
+        args.spec = list(CPU_HYBRID_SPEC)
+        if args.rank == 0:
+            print(f"> --cpu: HybridModel, using --spec {' '.join(CPU_HYBRID_SPEC)}", flush=True)
+    elif tuple(args.spec) != CPU_HYBRID_SPEC:
+        raise LaunchError(
+            f"--cpu with --hybrid-layer-pattern needs the CPU hybrid stack: use --spec {' '.join(CPU_HYBRID_SPEC)} "
+            "(or drop --spec)"
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from functools import partial
 
 import torch
@@ -10,10 +10,16 @@ import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from ..config import ChannelConfig
+from ..megatron_internals.loop import seqlen_stats_recorder
 from .layout import BatchLayout, Topology
 from .loss import channel_loss_func
 from .model_inputs import get_model_inputs
-from .token_accuracy import CorrectTokens, output_processor_with_correct_tokens
+from .token_accuracy import (
+    CorrectTokens,
+    correct_tokens_from_output_layer,
+    output_processor_with_correct_tokens,
+    takes_output_processor,
+)
 
 
 def model_device(model) -> torch.device:
@@ -30,12 +36,20 @@ def uses_cuda_graphs(model) -> bool:
         getattr(model_config, "enable_cuda_graph", False))
 
 
+def has_mamba_layers(model) -> bool:
+    """Whether the model is a HybridModel with Mamba (``M``) layers, whose scan needs each packed
+    token's sequence (``PackedSeqParams.seq_idx``); Megatron's own batch code leaves it unset
+    unless ``total_tokens`` is given."""
+    decoder_owner = get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+    return "M" in (getattr(decoder_owner, "hybrid_layer_pattern", None) or "")
+
+
 def record_packed_sequence_lengths(cu_seqlens) -> None:
     """Feed a packed microbatch's real boundaries to Megatron's throughput count, as stock
     pretrain_gpt does (``update_seqlen_stats_from_cu_seqlens``, on the device, no host sync);
-    the zero-length sequences at the end add nothing. Only inside megatron.training's loop."""
-    training = sys.modules.get("megatron.training.training")
-    update = getattr(training, "update_seqlen_stats_from_cu_seqlens", None)
+    the zero-length sequences at the end add nothing. Only inside megatron.training's loop
+    (0.18 on)."""
+    update = seqlen_stats_recorder()
     if update is not None:
         update(cu_seqlens)
 
@@ -65,10 +79,10 @@ def make_forward_step(
         validate: check channel ids and ``cu_seqlens`` on TP rank 0 while the batch is
             still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
 
-    With ``config.token_accuracy`` the last pipeline stage calls the model (or its
-    ``build_schedule_plan``, for the combined 1F1B schedule) with
-    ``output_processor=output_processor_with_correct_tokens`` (GPTModel's 0.19 hook), which
-    computes the correct-token flags in the model's own loss step (``token_accuracy``).
+    With ``config.token_accuracy`` the last pipeline stage computes the correct-token flags in
+    the model's own loss step (``token_accuracy``): through GPTModel's ``output_processor``
+    (0.18 on; also for ``build_schedule_plan``, the combined 1F1B schedule), else through a
+    hook on the model's output layer for the length of the call (HybridModel, 0.17).
 
     Packed rows reach attention as one THD stream of ``layout.sequence_capacity`` sequences
     (``--max-packed-sequences-per-row`` per row), with ``tokens_per_sample`` for MoE routing,
@@ -89,7 +103,7 @@ def make_forward_step(
             # Evaluation feeds --eval-micro-batch-size rows, and Megatron puts the model in eval mode.
             batch_layout = BatchLayout.from_megatron_args(training=model.training)
         inputs = get_model_inputs(data_iterator, config.num_channels, batch_layout, topo, model_device(model), validate,
-                                  fixed_max_seqlen=uses_cuda_graphs(model))
+                                  fixed_max_seqlen=uses_cuda_graphs(model), sequence_index=has_mamba_layers(model))
         if inputs.packed_seq_params is not None and model.training:
             record_packed_sequence_lengths(inputs.packed_seq_params.cu_seqlens_q)
         args = (inputs.tokens, inputs.position_ids, inputs.attention_mask)
@@ -98,15 +112,25 @@ def make_forward_step(
         if pass_packed_seq_params:
             kwargs["packed_seq_params"] = inputs.packed_seq_params
         correct_tokens = None
+        reading_logits = contextlib.nullcontext()
         if config.token_accuracy and topo.last_stage:
-            correct_tokens = CorrectTokens(loss_mask=inputs.loss_mask)
-            kwargs.update(output_processor=output_processor_with_correct_tokens,
-                          output_processor_context=correct_tokens)
+            correct_tokens = CorrectTokens(loss_mask=inputs.loss_mask, labels=inputs.labels)
+            if takes_output_processor(model):
+                kwargs.update(output_processor=output_processor_with_correct_tokens,
+                              output_processor_context=correct_tokens)
+            elif return_schedule_plan:
+                raise ValueError(
+                    "--channel-token-accuracy with the combined 1F1B schedule plan needs GPTModel's "
+                    "output_processor (megatron-core 0.18 on): drop one of the two"
+                )
+            else:
+                reading_logits = correct_tokens_from_output_layer(model, correct_tokens)
         if return_schedule_plan:
             # The combined 1F1B plan's post-process node calls the same output_processor.
             output = get_attr_wrapped_model(model, "build_schedule_plan")(*args, **kwargs)
         else:
-            output = model(*args, **kwargs)
+            with reading_logits:
+                output = model(*args, **kwargs)
         loss_func = partial(
             channel_loss_func,
             loss_mask=inputs.loss_mask,

@@ -7,12 +7,13 @@ Megatron's parallel layout for one model chunk.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from megatron.core import parallel_state
+
+from ..megatron_internals.loop import megatron_args
 
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 BOUNDARY_KEYS = ("cu_seqlens", "cu_seqlens_padded")
@@ -45,9 +46,7 @@ def max_sequences_per_row(args) -> int:
 
 def max_sequences_per_row_of_megatron() -> int:
     """The bound of the running Megatron job's arguments, or the default outside one."""
-    # Outside megatron.training's loop nothing has imported it, and importing it takes seconds.
-    global_vars = sys.modules.get("megatron.training.global_vars")
-    args = None if global_vars is None else global_vars._GLOBAL_ARGS
+    args = megatron_args()
     return DEFAULT_MAX_SEQUENCES_PER_ROW if args is None else max_sequences_per_row(args)
 
 
@@ -149,9 +148,7 @@ class BatchLayout:
     def from_megatron_args(cls, args=None, training: bool = True) -> "BatchLayout":
         """The layout Megatron's arguments imply; ``training=False``: evaluation's micro batch."""
         if args is None:
-            from megatron.training import global_vars
-
-            args = global_vars._GLOBAL_ARGS
+            args = megatron_args()
             if args is None:
                 raise ValueError(
                     "tensor-parallel ranks need the batch shapes: pass make_forward_step(config, "

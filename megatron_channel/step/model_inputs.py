@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.utils import get_batch_on_this_cp_rank
 
+from ..megatron_internals.core_api import batch_on_this_cp_rank
+from ..megatron_internals.core_api import packed_seq_params as packed_seq_params_of_release
 from ..segment_math import compact_sequences, thd_partition_index
 from .batch_forms import canonical_batch
 from .checks import ChannelBatchError, check_batch, check_max_seqlen, value_on_cpu
@@ -41,7 +42,8 @@ class ModelInputs:
 
 
 def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | None, topo: Topology,
-                     device: torch.device, validate: bool = True, fixed_max_seqlen: bool = False) -> ModelInputs:
+                     device: torch.device, validate: bool = True, fixed_max_seqlen: bool = False,
+                     sequence_index: bool = False) -> ModelInputs:
     """Read, check, broadcast, merge and cut one microbatch for this rank's model chunk.
 
     Args:
@@ -53,6 +55,8 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
         validate: check values on TP rank 0 while they are on the CPU.
         fixed_max_seqlen: packed rows: give attention the row length as ``max_seqlen`` even
             where the batch gives its own (CUDA graphs replay only the captured value).
+        sequence_index: packed rows: also give ``PackedSeqParams.seq_idx``, the packed sequence
+            of every token, which Mamba layers need to keep sequences apart.
     """
     if not stage_reads_batch(layout, topo, data_iterator):
         return ModelInputs()
@@ -66,11 +70,9 @@ def get_model_inputs(data_iterator, num_channels: int, layout: BatchLayout | Non
         # graphs replay the captured one: all use the row length.
         max_seqlen = None
     if layout.packed:
-        return packed_inputs(batch, layout, topo, max_seqlen)
+        return packed_inputs(batch, layout, topo, max_seqlen, sequence_index)
     if topo.cp_size > 1:
-        batch.update(get_batch_on_this_cp_rank(
-            {k: v for k, v in batch.items() if k != "channels"}, is_hybrid_cp=False, cp_group=topo.cp_group
-        ))
+        batch.update(batch_on_this_cp_rank({k: v for k, v in batch.items() if k != "channels"}, topo.cp_group))
     return ModelInputs(**batch)
 
 
@@ -162,10 +164,11 @@ def broadcast_batch(batch: dict | None, keys: list[str], layout: BatchLayout, to
 
 
 def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
-                  max_seqlen: int | None = None) -> ModelInputs:
+                  max_seqlen: int | None = None, sequence_index: bool = False) -> ModelInputs:
     """``[b, s]`` THD rows -> one ``[1, b * s]`` stream (cut for CP) and its ``PackedSeqParams``.
 
     ``batch``'s ``cu_seqlens`` (``_padded``) are already merged over the microbatch (``[C + 1]``).
+    ``sequence_index``: set ``seq_idx`` (Mamba layers; ``sequence_index_of_tokens``).
     """
     rows = {key: value.reshape(1, -1) for key, value in batch.items() if key in SEQUENCE_KEYS}
     cu = batch["cu_seqlens"]
@@ -177,7 +180,7 @@ def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
     # Without a host max_seqlen from the batch, the row length bounds every sequence;
     # reading the true maximum off the boundaries would cost a host sync.
     max_seqlen = layout.seq_length if max_seqlen is None else max_seqlen
-    packed_seq_params = PackedSeqParams(
+    packed_seq_params = packed_seq_params_of_release(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
@@ -189,7 +192,26 @@ def packed_inputs(batch: dict[str, Tensor], layout: BatchLayout, topo: Topology,
         # [tokens_per_sample, rows]; a row holds s / cp tokens of the local stream.
         tokens_per_sample=layout.seq_length // topo.cp_size,
     )
+    if sequence_index:
+        packed_seq_params.seq_idx = sequence_index_of_tokens(cu if cu_padded is None else cu_padded,
+                                                             layout.micro_batch_size * layout.seq_length)
     channels = batch.get("channels")
     return ModelInputs(**rows, attention_mask=batch.get("attention_mask"),
                        channels=None if channels is None else channels.reshape(-1),
                        packed_seq_params=packed_seq_params)
+
+
+def sequence_index_of_tokens(boundaries: Tensor, total_tokens: int) -> Tensor:
+    """``[1, total_tokens]`` int32: the packed sequence of every token of the (global) stream.
+
+    What Megatron's ``PackedSeqParams(total_tokens=...)`` computes into ``seq_idx`` for Mamba
+    layers, whose scan otherwise runs across sequence boundaries: zero-length sequences take
+    no token, tokens after the last boundary form one more sequence. Here with a fixed output
+    shape, so nothing is read on the host (Megatron's ``repeat_interleave`` would sync).
+
+    Args:
+        boundaries: ``[N + 1]`` global (padded) boundaries.
+        total_tokens: tokens of the stream, ``micro_batch_size * seq_length``.
+    """
+    positions = torch.arange(total_tokens, device=boundaries.device, dtype=boundaries.dtype)
+    return torch.searchsorted(boundaries[1:].contiguous(), positions, right=True).to(torch.int32).unsqueeze(0)

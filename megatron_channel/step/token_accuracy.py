@@ -1,29 +1,44 @@
 """Which loss tokens the model predicted: the label is an argmax of the logits (ties count).
 
-Computed inside ``GPTModel``'s own loss step through its ``output_processor`` hook (0.19):
-``output_processor_with_correct_tokens`` runs the same ops as GPTModel's stock postprocess
-(output layer, logit scaling, ``compute_language_model_loss``, whichever cross-entropy
-fusion is configured), so the loss and its gradients are bitwise the stock ones; before the
-cross entropy (which works in place on the logits) it reads the logits once more for the
-correct-token flags:
+Read from the logits inside the model's loss step, before the cross entropy (which works in
+place on them), by one of two routes that run the same ops on the same logits:
+
+* ``GPTModel`` with an ``output_processor`` parameter (megatron-core 0.18 on):
+  ``output_processor_with_correct_tokens`` runs GPTModel's stock postprocess (output layer,
+  logit scaling, ``compute_language_model_loss``, whichever cross-entropy fusion is
+  configured) and reads the logits before the cross entropy. The combined 1F1B schedule
+  plan's post-process node calls the same hook.
+* Any other model (``HybridModel``, 0.17's ``GPTModel``): ``correct_tokens_from_output_layer``,
+  a forward hook on the model's ``output_layer`` for the length of the model call, reads the
+  logits the layer returns (before any logit scaling, which is positive and keeps the argmax).
+  With multi-token prediction the layer runs once per depth and then for the main head,
+  last: the last call's flags are kept.
+
+Either way, per token:
 
 * this rank's vocabulary shard: its max logit and, where the label falls in the shard, the
-  label's logit, per token (no autograd history, no copy of the logits);
+  label's logit (no autograd history, no copy of the logits);
 * under tensor parallelism, ONE all-reduce (MAX) of those two ``[s, b]`` float32 rows over
   the TP group: the global max, and the label's logit from the rank that holds it;
 * correct = label's logit == global max: Megatron's vocab-parallel rule, where a target whose
-  logit minus the max is 0 is an argmax, ties included.
+  logit minus the max is 0 is an argmax, ties included;
+* times the loss mask, in the same op that makes the flags float.
 
-No value is read on the host. The flags land in the ``CorrectTokens`` passed as the hook's
-context, where ``channel_loss_func`` reads them.
+Loss and gradients stay bitwise the stock ones. No value is read on the host. The flags land
+in the ``CorrectTokens`` of the microbatch, where ``channel_loss_func`` reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from megatron.core.utils import get_attr_wrapped_model
 
 
 @dataclass
@@ -34,12 +49,15 @@ class CorrectTokens:
         loss_mask: ``[b, s]`` float32, set before the forward pass: the flags are made as
             ``correct x loss_mask`` (the product takes the place of the bool-to-float cast, so
             it costs the model nothing and the loss function one pass less). None: plain flags.
+        labels: ``[b, s]`` token ids of the microbatch, for the output-layer hook (the
+            ``output_processor`` route gets them from the model).
         flags: ``[b, s]`` float32, 1.0 where the label is an argmax of the logits (the layout of
-            the per-token losses GPTModel returns), times ``loss_mask`` when that is set; None
+            the per-token losses the model returns), times ``loss_mask`` when that is set; None
             until the forward pass ran.
     """
 
     loss_mask: Tensor | None = None
+    labels: Tensor | None = None
     flags: Tensor | None = None
 
 
@@ -93,3 +111,39 @@ def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_
     context.flags = target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
                                      vocab_is_sharded=not gathered, loss_mask=context.loss_mask)
     return compute_language_model_loss(labels, logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(model_class: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(model_class.forward).parameters)
+
+
+def takes_output_processor(model) -> bool:
+    """Whether the (possibly wrapped) model's forward takes ``output_processor`` (GPTModel, 0.18 on)."""
+    inner = get_attr_wrapped_model(model, "output_layer", return_model_obj=True)
+    return "output_processor" in _forward_parameters(type(inner))
+
+
+@contextlib.contextmanager
+def correct_tokens_from_output_layer(model, context: CorrectTokens):
+    """While the block runs, every call of the model's ``output_layer`` writes ``context.flags``
+    from the logits it returns (``[s, b, V / tp]``), before the cross entropy sees them.
+
+    The flags of the last call are kept: with multi-token prediction, GPTModel and HybridModel
+    call the layer once per depth and then, last, for the main head.
+    """
+    layer = get_attr_wrapped_model(model, "output_layer")
+
+    def record_flags(module, args, kwargs, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        gathered = kwargs.get("runtime_gather_output")
+        if gathered is None:
+            gathered = getattr(module, "gather_output", False)
+        context.flags = target_is_argmax(logits, context.labels, getattr(module, "tp_group", None),
+                                         vocab_is_sharded=not gathered, loss_mask=context.loss_mask)
+
+    handle = layer.register_forward_hook(record_flags, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -90,6 +90,27 @@ def tiny_gpt(vocab_size: int = 64, seq_length: int = 32, **config_kwargs):
     )
 
 
+def tiny_hybrid(vocab_size: int = 64, seq_length: int = 32, pattern: str = "*-*-", **config_kwargs):
+    """A small real ``HybridModel`` (megatron-core 0.18 on) that runs on the CPU: attention and MLP
+    layers of ``pattern`` from ``megatron_channel.cpu.hybrid_spec`` (packed rows and CP too)."""
+    import dataclasses
+
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from ..cpu.hybrid_spec import hybrid_stack_spec
+
+    config = dataclasses.replace(tiny_gpt_config(**config_kwargs), num_layers=len(pattern), is_hybrid_model=True)
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=hybrid_stack_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
+        hybrid_layer_pattern=pattern,
+        position_embedding_type="learned_absolute",
+        parallel_output=True,
+    )
+
+
 def block_causal_mask(cu_seqlens: torch.Tensor, seq_length: int) -> torch.Tensor:
     """``[1, 1, s, s]`` bool mask (True = masked) equal to THD attention over ``cu_seqlens``.
 

@@ -21,6 +21,7 @@ MOVED = {
     "arguments": "settings",
     "batch": "step.model_inputs",
     "capture": "channel_logging.metric_capture",
+    "channel_logging.megatron_check": "megatron_internals.loop",
     "datasets": "data.tagged",
     "forward_step": "step.forward_step",
     "log_format": "channel_logging.log_fields",

@@ -22,7 +22,7 @@ find_python312() {
 
 if [ ! -x "$VENV/bin/python" ]; then
     PY="$(find_python312)" || {
-        echo "error: no working Python 3.12 found (megatron-core 0.19 needs it)." >&2
+        echo "error: no working Python 3.12 found (megatron-core 0.17 on needs it)." >&2
         echo "Install Python 3.12 or point PYTHON=/path/to/python3.12 at one." >&2
         exit 1
     }

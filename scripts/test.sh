@@ -4,7 +4,7 @@
 #   ./scripts/test.sh                  everything: the main suite on the newest supported
 #                                      megatron-core, then each older release in its own
 #                                      environment (tests/test_releases.py and the release checks)
-#   ./scripts/test.sh -m "not e2e"     the unit tests only, no torchrun launch (a couple of minutes)
+#   ./scripts/test.sh -m "not e2e"     the unit tests only, no torchrun launch (about 3 minutes)
 #   ./scripts/test.sh ARGS...          pytest ARGS over tests/, main environment only
 #
 # MEGATRON_RELEASES lists the other releases to run (default: every tested release other than the

@@ -19,16 +19,21 @@ from megatron_channel.megatron_internals.loop import (
     check_megatron_internals,
     check_parameters,
 )
-from megatron_channel.megatron_internals.releases import installed_version
+from megatron_channel.megatron_internals.releases import installed_version, is_tested
 
 
 @pytest.mark.timeout(30)
-def test_the_installed_release_is_a_row_and_passes_its_checks():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UntestedMegatronWarning)
-        release = check_megatron_internals()
-    assert release.line == installed_version()[:2]
+def test_the_installed_release_passes_its_checks():
+    """A tested release without a warning; a newer one (a Megatron-LM checkout of main) with one."""
     assert [r.line for r in RELEASES] == [(0, 17), (0, 18), (0, 19)]
+    if is_tested(installed_version()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UntestedMegatronWarning)
+            release = check_megatron_internals()
+        assert release.line == installed_version()[:2]
+    else:
+        with pytest.warns(UntestedMegatronWarning, match="newer than the releases"):
+            assert check_megatron_internals() is RELEASES[-1]
 
 
 @pytest.mark.timeout(30)
@@ -139,3 +144,53 @@ def test_every_patch_of_a_cpu_launch_goes_through_the_helper_and_is_undone():
     assert dict(cuda=torch.cuda.is_available, run=threading.Thread.run, module_cuda=torch.nn.Module.cuda,
                 helpers=dataset_utils.compile_helpers, print=training.print_rank_last) == before
     assert not torch.cuda.is_available()
+
+
+@pytest.mark.timeout(30)
+def test_patches_of_classes_put_back_what_the_class_itself_held():
+    """A staticmethod stays one, an inherited method is inherited again, and a replacement that
+    fails halfway leaves nothing behind."""
+
+    class Base:
+        def greet(self):
+            return "base"
+
+    class Child(Base):
+        @staticmethod
+        def tool():
+            return "tool"
+
+    patch = apply_patch(Child, {"greet": lambda self: "ours", "tool": lambda: "ours"}, reason="classes")
+    assert Child().greet() == "ours" and Child.tool() == "ours"
+    patch.undo()
+    assert "greet" not in vars(Child) and Child().greet() == "base"
+    assert isinstance(vars(Child)["tool"], staticmethod) and Child.tool() == "tool"
+
+    class Refusing(types.ModuleType):
+        def __setattr__(self, name, value):
+            if name == "b":
+                raise AttributeError("read-only")
+            super().__setattr__(name, value)
+
+    owner = Refusing("lib")
+    owner.a = original_a = lambda: "a"
+    with pytest.raises(AttributeError):
+        apply_patch(owner, {"a": lambda: "ours", "b": lambda: "ours"}, reason="half", wrap=False)
+    assert owner.a is original_a and not hasattr(owner, "b")
+
+
+@pytest.mark.timeout(30)
+def test_installers_notice_patches_undone_elsewhere(clean_install):
+    """After its patch was undone elsewhere (``Patch.undo``, ``undo_all_patches``) the logging
+    counts as not installed, and installing again patches again instead of returning early."""
+    from megatron_channel import ChannelConfig, install_channel_logging
+    from megatron_channel.channel_logging.install import installed_channel_logging
+    from megatron_channel.megatron_internals.patches import find_patch
+
+    config = ChannelConfig(["a"])
+    original = training.train_step
+    install_channel_logging(config)
+    find_patch(training, "train_step").undo()
+    assert training.train_step is original and installed_channel_logging() is None
+    install_channel_logging(config)
+    assert training.train_step is not original and training.train_step.__wrapped__ is original

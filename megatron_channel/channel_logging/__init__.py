@@ -2,9 +2,10 @@
 
 Call ``install_channel_logging(config)`` in the launch script before ``pretrain()``. It
 replaces four functions of ``megatron.training.training`` (the module globals that
-``train()`` and ``pretrain()`` look up at call time) with thin wrappers around the
-originals, after checking that the installed megatron-core is the 0.19 line whose internals
-these wrappers were written against. ``uninstall_channel_logging()`` puts the originals back.
+``train()`` and ``pretrain()`` look up at call time), and its ``print_rank_last``, with thin
+wrappers around the originals, after checking that the installed megatron-core's loop has
+what they read (``megatron_internals.loop``; 0.17 on). ``uninstall_channel_logging()`` puts
+the originals back.
 
 Why: stock ``train_step`` turns a channel key whose global token count is 0 into NaN
 (0 / 0) for that iteration; ``training_log`` averages per-iteration values over the log

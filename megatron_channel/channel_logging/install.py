@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import ChannelConfig
 from ..megatron_internals.loop import WRAPPED_PARAMETERS, check_megatron_internals, training_module
 from ..megatron_internals.patches import Patch, apply_patch, original_of
-from ..megatron_internals.releases import MegatronRelease, installed_version
+from ..megatron_internals.releases import installed_version
 from .wrappers import (
     ChannelLoggingState,
     wrap_evaluate,
@@ -23,7 +23,6 @@ from .wrappers import (
 class _Installation:
     state: ChannelLoggingState
     patch: Patch
-    release: MegatronRelease
 
 
 _INSTALLED: _Installation | None = None
@@ -50,7 +49,8 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
         if os.path.isdir(jsonl_path):
             raise ValueError(f"jsonl_path={jsonl_path!r} is a directory; give a file path, e.g. {jsonl_path}/channels.jsonl")
     if _INSTALLED is not None:
-        if _INSTALLED.state.config == config and _INSTALLED.state.jsonl_path == jsonl_path:
+        if (_INSTALLED.patch.applied and _INSTALLED.state.config == config
+                and _INSTALLED.state.jsonl_path == jsonl_path):
             return
         uninstall_channel_logging()
 
@@ -70,7 +70,7 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
     version = ".".join(map(str, installed_version()))
     loop = release.name if version.startswith(release.name + ".") else f"{version}, run as {release.name}"
     patch = apply_patch(module, wrappers, reason=f"per-channel logging, megatron-core {loop} loop")
-    _INSTALLED = _Installation(state, patch, release)
+    _INSTALLED = _Installation(state, patch)
 
 
 def uninstall_channel_logging() -> None:
@@ -78,10 +78,10 @@ def uninstall_channel_logging() -> None:
     global _INSTALLED
     if _INSTALLED is None:
         return
-    _INSTALLED.patch.undo()
+    _INSTALLED.patch.undo()  # no-op when undone already (undo_all_patches)
     _INSTALLED = None
 
 
 def installed_channel_logging() -> ChannelLoggingState | None:
     """The installed logging's state (its windows and pending totals), or None."""
-    return _INSTALLED.state if _INSTALLED is not None else None
+    return _INSTALLED.state if _INSTALLED is not None and _INSTALLED.patch.applied else None

@@ -183,11 +183,11 @@ def wrap_print_rank_last(original: Callable, state: ChannelLoggingState) -> Call
 @contextlib.contextmanager
 def editing_prints(state: ChannelLoggingState, edit: Callable[[object], object]):
     """While the block runs, ``wrap_print_rank_last`` prints ``edit(message)``."""
-    state.print_edit = edit
+    previous, state.print_edit = state.print_edit, edit
     try:
         yield
     finally:
-        state.print_edit = None
+        state.print_edit = previous
 
 
 def wrap_training_log(original: Callable, state: ChannelLoggingState, module) -> Callable:

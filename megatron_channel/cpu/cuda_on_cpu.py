@@ -258,8 +258,9 @@ def install_cuda_on_cpu() -> None:
     """Answer CUDA calls on the CPU for the rest of this process (idempotent; ``uninstall_cuda_on_cpu``
     undoes it)."""
     global _MODE
-    if _MODE is not None:
+    if cuda_on_cpu_installed():
         return
+    uninstall_cuda_on_cpu()  # what is left of an installation whose patches were undone elsewhere
     # Megatron's jit_fuser warm-up traces through CUDA streams under torch.compile.
     os.environ["TORCHDYNAMO_DISABLE"] = "1"
     # Megatron asserts this for TP and CP (it orders GPU kernel launches); a CPU has none.
@@ -268,19 +269,25 @@ def install_cuda_on_cpu() -> None:
 
     reason = "--cpu: CUDA calls answered on the CPU"
     stand_ins = _cuda_stand_ins()
-    _PATCHES.extend([
-        apply_patch(torch._dynamo.config, {"disable": True}, reason=reason, wrap=False),
-        apply_patch(torch.cuda, stand_ins, reason=reason, wrap=False),
+    patches = [
+        (torch._dynamo.config, {"disable": True}, False),
+        (torch.cuda, stand_ins, False),
         # torch.cuda.random holds the same functions under a second name.
-        apply_patch(torch.cuda.random, {n: stand_ins[n] for n in ("get_rng_state", "set_rng_state", "manual_seed",
-                                                                   "manual_seed_all")}, reason=reason, wrap=False),
-        apply_patch(torch.cuda.nvtx, {"range_push": _returning(None), "range_pop": _returning(None),
-                                      "range": lambda *args, **kwargs: contextlib.nullcontext()}, reason=reason),
+        (torch.cuda.random, {n: stand_ins[n] for n in ("get_rng_state", "set_rng_state", "manual_seed",
+                                                       "manual_seed_all")}, False),
+        (torch.cuda.nvtx, {"range_push": _returning(None), "range_pop": _returning(None),
+                           "range": lambda *args, **kwargs: contextlib.nullcontext()}, True),
         # Adam's graph-capture health check asks the accelerator runtime for its stream.
-        apply_patch(torch.accelerator, {"current_accelerator": _returning(None)}, reason=reason),
-        apply_patch(torch.nn.Module, {"cuda": lambda self, device=None: self}, reason=reason),
-        apply_patch(threading.Thread, {"run": _thread_run_in_mode(threading.Thread.run)}, reason=reason),
-    ])
+        (torch.accelerator, {"current_accelerator": _returning(None)}, True),
+        (torch.nn.Module, {"cuda": lambda self, device=None: self}, True),
+        (threading.Thread, {"run": _thread_run_in_mode(threading.Thread.run)}, True),
+    ]
+    try:
+        for owner, replacements, wrap in patches:
+            _PATCHES.append(apply_patch(owner, replacements, reason=reason, wrap=wrap))
+    except BaseException:
+        uninstall_cuda_on_cpu()
+        raise
     # Every tensor-parallel fork of the (shared) generator changes the CPU state, which the
     # RNG tracker reports as a warning each time; it is expected here.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
@@ -291,13 +298,12 @@ def install_cuda_on_cpu() -> None:
 def uninstall_cuda_on_cpu() -> None:
     """Undo ``install_cuda_on_cpu`` (no-op when not installed)."""
     global _MODE
-    if _MODE is None:
-        return
-    _MODE.__exit__(None, None, None)
-    _MODE = None
+    if _MODE is not None:
+        _MODE.__exit__(None, None, None)
+        _MODE = None
     while _PATCHES:
         _PATCHES.pop().undo()
 
 
 def cuda_on_cpu_installed() -> bool:
-    return _MODE is not None
+    return _MODE is not None and all(patch.applied for patch in _PATCHES)

@@ -24,9 +24,12 @@ def spec_from_flag(args, config, vp_stage=None):
     returning one (0.19's GPT builder calls such functions; earlier builders did not)."""
     from megatron.core.transformer.spec_utils import ModuleSpec, import_module
 
-    spec = import_module(args.spec)
+    try:
+        spec = import_module(args.spec)
+    except (KeyError, AttributeError):
+        spec = None
     if spec is None:
-        raise ModelFlagsError(f"--spec {' '.join(args.spec)}: no such module attribute")
+        raise ModelFlagsError(f"--spec {' '.join(args.spec)}: no such module, or no such name in it")
     if callable(spec) and not isinstance(spec, ModuleSpec):
         spec = spec(config, vp_stage=vp_stage)
     return spec
@@ -73,6 +76,7 @@ def language_model_kwargs(args, config, pre_process, post_process, vp_stage, pg_
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         rotary_base=args.rotary_base,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )

@@ -1,6 +1,6 @@
 """What a launch through Megatron's ``pretrain()`` needs before training starts.
 
-Two faults of the megatron-core 0.19 wheel stop any launch, GPU or not, and are fixed here:
+Two faults of the megatron-core wheels (0.17 to 0.19) stop any launch, GPU or not, and are fixed here:
 
 * ``initialize_megatron`` runs ``make`` in ``megatron/core/datasets`` on rank 0 to build the
   dataset helpers. The wheel ships them built (``helpers_cpp*.so``) but no Makefile, so
@@ -33,10 +33,11 @@ CPU_DEFAULT_FLAGS = (
     "--num-workers", "0",  # no loader processes to compete with the ranks for the cores
 )
 CPU_ATTENTION_SPEC = ("megatron_channel.cpu", "gpt_layer_spec")
-# HybridModel on the CPU: Megatron's local attention (*) and MLP (-) layers; Mamba (M), GDN (G),
-# MoE (E) and latent attention (D, +) need CUDA kernels or Transformer Engine specs.
+# HybridModel on the CPU: Megatron's local attention (*) and MLP (-) layers, pipeline stages (|);
+# Mamba (M), GDN (G), MoE (E), latent attention (D, +) and MTP depths (/) need CUDA kernels or
+# Transformer Engine specs.
 CPU_HYBRID_SPEC = ("megatron_channel.cpu.hybrid_spec", "hybrid_stack_spec")
-CPU_HYBRID_SYMBOLS = frozenset("*-|/")
+CPU_HYBRID_SYMBOLS = frozenset("*-|")
 
 
 class LaunchError(RuntimeError):
@@ -143,8 +144,8 @@ def check_cpu_hybrid_args(args) -> None:
     if other:
         raise LaunchError(
             f"--cpu builds a HybridModel of attention (*) and MLP (-) layers only; --hybrid-layer-pattern "
-            f"{pattern!r} also has {other}, whose layers (Mamba M, GDN G, MoE E, latent attention D/+) need CUDA "
-            "kernels or Transformer Engine: train that pattern on GPUs"
+            f"{pattern!r} also has {other}, whose layers (Mamba M, GDN G, MoE E, latent attention D/+, "
+            "multi-token prediction after /) need CUDA kernels or Transformer Engine specs: train that pattern on GPUs"
         )
     if args.spec is None:
         args.spec = list(CPU_HYBRID_SPEC)

@@ -3,6 +3,8 @@
 * ``releases``: the megatron-core releases supported, and what differs between them, as a table.
 * ``loop``: what the package relies on in ``megatron.training`` (the functions it wraps,
   their parameters, console wording, ``train_step``'s result), checked at install time.
+* ``launch``: the launch's per-release calls (argument parsing, model config, ``pretrain()``).
+* ``core_api``: ``megatron.core`` calls whose signatures moved between releases.
 * ``patches``: the one helper every replacement of another library's attribute goes through:
   it checks the target, marks the replacement (``__wrapped__``), logs one line and can undo it.
 

@@ -18,6 +18,7 @@ The columns come from ``releases.MegatronRelease``; the providers from ``launch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from .patches import apply_patch
@@ -57,7 +58,9 @@ def model_config(release: MegatronRelease, args, hybrid: bool):
         return None
     from megatron.training import argument_utils
 
-    return argument_utils.hybrid_config_from_args(args) if hybrid else argument_utils.gpt_config_from_args(args)
+    if hybrid:
+        return argument_utils.hybrid_config_from_args(args) if release.hybrid_model else None
+    return argument_utils.gpt_config_from_args(args) if release.gpt_config_builder else None
 
 
 def run_pretrain(release: MegatronRelease, args, datasets_provider, forward_step, model_provider: Callable | None,
@@ -82,8 +85,11 @@ def run_pretrain(release: MegatronRelease, args, datasets_provider, forward_step
         patch = hand_args_to_pretrain(args)
         try:
             pretrain(**common)
-        finally:
-            patch.undo()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # keep pretrain()'s own error in view
+                patch.undo()
+            raise
+        patch.undo()
         return
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 

@@ -25,10 +25,12 @@ from collections.abc import Callable, Sequence
 
 from .patches import original_of
 from .releases import (
+    RELEASES,
     TESTED_RANGE,
     MegatronInternalsError,
     MegatronRelease,
     UntestedMegatronWarning,
+    installed_release,
     installed_version,
     is_tested,
     release_for,
@@ -103,8 +105,8 @@ def check_global_lookups(func: Callable, names: Sequence[str], name: str) -> Non
 
 
 def support_hint() -> str:
-    return (f"megatron_channel supports megatron-core {TESTED_RANGE} (pip install 'megatron-core>=0.17'); "
-            "a newer release runs once these checks pass")
+    return (f"megatron_channel supports megatron-core {TESTED_RANGE} (pip install "
+            f"'megatron-core>={RELEASES[0].name}'); a newer release runs once these checks pass")
 
 
 def check_megatron_internals(module=None, version: tuple[int, ...] | None = None) -> MegatronRelease:
@@ -138,7 +140,9 @@ def seqlen_stats_recorder() -> Callable | None:
     loaded, else None: outside ``megatron.training`` nothing has imported it, and importing it
     takes seconds."""
     module = sys.modules.get(TRAINING_MODULE)
-    return getattr(module, "update_seqlen_stats_from_cu_seqlens", None) if module is not None else None
+    if module is None or not installed_release().seqlen_stats:
+        return None
+    return getattr(module, "update_seqlen_stats_from_cu_seqlens", None)
 
 
 def megatron_args():

@@ -65,16 +65,20 @@ class Patch:
                 f"({self.reason}); undo those replacements first"
             )
         for name, original in self.originals.items():
-            if original is ABSENT:
-                delattr(self.owner, name)
-            else:
-                setattr(self.owner, name, original)
+            _restore(self.owner, name, original)
         self.applied = False
         _APPLIED.remove(self)
         logger.info("megatron_channel: restored %s (%s)", self.target, self.reason)
 
 
 _APPLIED: list[Patch] = []
+
+
+def _restore(owner, name: str, original) -> None:
+    if original is ABSENT:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, original)
 
 
 def owner_name(owner) -> str:
@@ -91,23 +95,35 @@ def apply_patch(owner, replacements: Mapping[str, object], *, reason: str, wrap:
         wrap: every target must exist and be callable. False: plain values may be replaced and
             missing attributes added (undo deletes those).
     """
-    originals = {name: getattr(owner, name, ABSENT) for name in replacements}
+    current = {name: getattr(owner, name, ABSENT) for name in replacements}
     if wrap:
-        bad = {n: ("missing" if o is ABSENT else "not callable") for n, o in originals.items()
+        bad = {n: ("missing" if o is ABSENT else "not callable") for n, o in current.items()
                if o is ABSENT or not callable(o)}
         if bad:
+            where = owner_name(owner)
+            hint = (" This release is not one megatron_channel knows; see megatron_channel.megatron_internals.releases"
+                    if where.startswith("megatron") else "")
             raise MegatronInternalsError(
-                f"cannot patch {owner_name(owner)}: {', '.join(f'{n} is {why}' for n, why in bad.items())} "
-                f"({reason}). This release is not one megatron_channel knows; see "
-                "megatron_channel.megatron_internals.releases"
+                f"cannot patch {where}: {', '.join(f'{n} is {why}' for n, why in bad.items())} ({reason}).{hint}"
             )
-    for name, new in replacements.items():
-        if callable(new) and originals[name] is not ABSENT:
-            try:
-                new.__wrapped__ = originals[name]
-            except (AttributeError, TypeError):  # slotted objects: the registry still knows
-                pass
-        setattr(owner, name, new)
+    # What undo puts back: a class's own attribute as stored (a staticmethod stays one), or ABSENT
+    # where the class inherits it (undo deletes ours, and the inherited one shows again).
+    originals = {name: vars(owner).get(name, ABSENT) if isinstance(owner, type) else current[name]
+                 for name in replacements}
+    replaced = []
+    try:
+        for name, new in replacements.items():
+            if callable(new) and current[name] is not ABSENT:
+                try:
+                    new.__wrapped__ = current[name]
+                except (AttributeError, TypeError):  # slotted objects: the registry still knows
+                    pass
+            setattr(owner, name, new)
+            replaced.append(name)
+    except BaseException:
+        for name in reversed(replaced):
+            _restore(owner, name, originals[name])
+        raise
     patch = Patch(owner, reason, originals, dict(replacements))
     _APPLIED.append(patch)
     logger.info("megatron_channel: patched %s (%s)", patch.target, reason)
@@ -133,9 +149,10 @@ def applied_patches() -> list[Patch]:
 
 
 def find_patch(owner, name: str) -> Patch | None:
-    """The patch in force that replaced ``owner.name``, if any."""
+    """The patch in force that replaced ``owner.name`` (its replacement still there), if any."""
     for patch in _APPLIED:
-        if patch.owner is owner and name in patch.replacements:
+        replacement = patch.replacements.get(name, ABSENT) if patch.owner is owner else ABSENT
+        if replacement is not ABSENT and getattr(owner, name, ABSENT) is replacement:
             return patch
     return None
 
@@ -148,7 +165,9 @@ def undo_all_patches() -> None:
 
 def original_of(func: Callable) -> Callable:
     """The library's own function behind our replacements of it (``func`` itself when none)."""
-    ours = {id(r): p.originals[n] for p in _APPLIED for n, r in p.replacements.items()}
-    while id(func) in ours and ours[id(func)] is not ABSENT:
+    ours = {id(r): r.__wrapped__ for p in _APPLIED for r in p.replacements.values() if hasattr(r, "__wrapped__")}
+    seen = set()
+    while id(func) in ours and id(func) not in seen:
+        seen.add(id(func))
         func = ours[id(func)]
     return func

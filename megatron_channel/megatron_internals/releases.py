@@ -1,9 +1,10 @@
 """What differs between the megatron-core releases this package runs on, as data.
 
-Supporting a new release is a new row of ``RELEASES`` (and, where its loop moved, an edit of
-``loop``): nothing else in the package asks which release is installed. A release newer than
-every row runs as the newest row when ``loop.check_megatron_internals`` finds the loop's
-internals unchanged, with one warning naming the tested range; older ones are refused.
+Supporting a new release is a new row of ``RELEASES`` (and, where its loop or an API moved,
+an edit of ``loop``, ``launch`` or ``core_api`` beside it): code elsewhere reads the row
+(``installed_release()``), never the version. A release newer than every row runs as the
+newest row: ``loop.check_megatron_internals`` checks its loop when the logging is installed
+and warns once, naming the tested range; older releases are refused.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ class MegatronRelease:
         hybrid_model: ``megatron.core.models.hybrid.HybridModel`` and
             ``argument_utils.hybrid_config_from_args`` exist (0.18 on).
         output_processor: ``GPTModel.forward`` takes ``output_processor`` (0.18 on); token
-            accuracy does not depend on it (it hooks the output layer).
+            accuracy uses it where the model's forward has it, else hooks the output layer.
         seqlen_stats: ``training.update_seqlen_stats_from_cu_seqlens`` exists, which
             stock pretrain_gpt feeds with packed rows' ``cu_seqlens`` (0.18 on).
-        loop_process_groups: ``train_step``/``evaluate`` take ``pg_collection`` and
-            ``p2p_communicator`` (0.19 on); the wrappers bind by name and do not need them.
         packed_tokens_per_sample: ``PackedSeqParams`` has ``tokens_per_sample``, with which MoE
             routes each packed row on its own (0.19 on); before, the router sees the merged
             stream as one sequence, as stock training of that release does.
@@ -57,7 +56,6 @@ class MegatronRelease:
     hybrid_model: bool
     output_processor: bool
     seqlen_stats: bool
-    loop_process_groups: bool
     packed_tokens_per_sample: bool
     cp_batch_hybrid_flag: bool
     tested: str
@@ -70,14 +68,14 @@ class MegatronRelease:
 
 RELEASES: tuple[MegatronRelease, ...] = (
     MegatronRelease((0, 17), config_container=False, model_provider_optional=False, gpt_config_builder=False,
-                    hybrid_model=False, output_processor=False, seqlen_stats=False, loop_process_groups=False,
+                    hybrid_model=False, output_processor=False, seqlen_stats=False,
                     packed_tokens_per_sample=False, cp_batch_hybrid_flag=False, tested="0.17.1",
                     test_requirements=("transformers<5",)),
     MegatronRelease((0, 18), config_container=True, model_provider_optional=False, gpt_config_builder=False,
-                    hybrid_model=True, output_processor=True, seqlen_stats=True, loop_process_groups=False,
+                    hybrid_model=True, output_processor=True, seqlen_stats=True,
                     packed_tokens_per_sample=False, cp_batch_hybrid_flag=True, tested="0.18.2"),
     MegatronRelease((0, 19), config_container=True, model_provider_optional=True, gpt_config_builder=True,
-                    hybrid_model=True, output_processor=True, seqlen_stats=True, loop_process_groups=True,
+                    hybrid_model=True, output_processor=True, seqlen_stats=True,
                     packed_tokens_per_sample=True, cp_batch_hybrid_flag=True, tested="0.19.2"),
 )
 

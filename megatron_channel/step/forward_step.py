@@ -40,7 +40,10 @@ def has_mamba_layers(model) -> bool:
     """Whether the model is a HybridModel with Mamba (``M``) layers, whose scan needs each packed
     token's sequence (``PackedSeqParams.seq_idx``); Megatron's own batch code leaves it unset
     unless ``total_tokens`` is given."""
-    decoder_owner = get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+    try:
+        decoder_owner = get_attr_wrapped_model(model, "decoder", return_model_obj=True)
+    except RuntimeError:  # a model of the user's own, without Megatron's decoder
+        return False
     return "M" in (getattr(decoder_owner, "hybrid_layer_pattern", None) or "")
 
 

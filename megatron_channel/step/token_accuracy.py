@@ -40,6 +40,8 @@ from torch import Tensor
 
 from megatron.core.utils import get_attr_wrapped_model
 
+from ..megatron_internals.releases import installed_release
+
 
 @dataclass
 class CorrectTokens:
@@ -120,6 +122,8 @@ def _forward_parameters(model_class: type) -> tuple[str, ...]:
 
 def takes_output_processor(model) -> bool:
     """Whether the (possibly wrapped) model's forward takes ``output_processor`` (GPTModel, 0.18 on)."""
+    if not installed_release().output_processor:
+        return False
     inner = get_attr_wrapped_model(model, "output_layer", return_model_obj=True)
     return "output_processor" in _forward_parameters(type(inner))
 

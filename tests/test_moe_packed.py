@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from pretrain_runs import ROOT, Run, blend_flags, model_flags, read_events, run_pretrain
-from test_pretrain_e2e import data_dir, sft_flags  # noqa: F401  (module fixtures: the tiny data, packed SFT flags)
+from test_pretrain_e2e import sft_flags  # noqa: F401  (a module fixture: the packed SFT flags; data_dir is conftest's)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 

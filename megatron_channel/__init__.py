@@ -11,12 +11,10 @@ The public API is what this module exports; the subpackages are where it lives:
 * ``cpu``: what ``--cpu`` installs to run the same ``pretrain()`` on a CPU over gloo.
 * ``megatron_internals``: the one home of what the package assumes about Megatron (the
   supported releases as a table, the loop's internals) and of every patch it makes.
-* ``testing``: test support (not API).
 
 ``docs/architecture.md`` follows one batch through them.
 """
 
-from . import _moved_modules
 from .channel_logging.install import install_channel_logging, uninstall_channel_logging
 from .channel_logging.metric_capture import ChannelMetricsError, reduce_channel_metrics
 from .channel_logging.wrappers import ChannelLoggingWarning
@@ -30,7 +28,6 @@ from .step.forward_step import make_forward_step
 from .step.layout import BatchLayout
 from .step.loss import channel_loss_func
 
-_moved_modules.install()
 
 __all__ = [
     "BatchLayout",

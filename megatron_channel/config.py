@@ -6,7 +6,7 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from .channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY, TOKENS_PREFIX
+from .names import LM_LOSS_KEY, TOKEN_ACC_KEY, TOKENS_PREFIX
 
 # Metric keys travel through TensorBoard and W&B tag paths, so whitespace and "/" (a tag
 # separator) would split one curve into several; control characters break the event files.

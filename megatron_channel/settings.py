@@ -17,11 +17,14 @@ Eight settings; each has a flag, and a YAML key equal to the flag's argparse ``d
 * ``--untracked-channels`` / ``untracked_channels``: what a sample without a known channel
   gets: ``error`` (default), ``other`` (an extra last channel ``other``) or ``ignore`` (-1).
 
-Where they may be given (every setting in ONE place; giving one setting in two places is
-a ``ValueError`` naming both, because a silent precedence rule hides typos):
+Where they may be given (every setting in ONE place: giving one setting both as a flag and in
+a YAML, or in two YAML places, is a ``ValueError`` naming both, because a silent precedence
+rule between sources hides typos):
 
 * command-line flags, added to Megatron's parser by ``add_channel_args`` (use it as, or
-  inside, ``extra_args_provider``); the defaults are ``None`` so that "given" is visible;
+  inside, ``extra_args_provider``); the defaults are ``None`` so that "given" is visible. A
+  flag given twice keeps the last value, as Megatron's flags do (a launch script's flags
+  followed by the user's own);
 * ``--channel-config FILE.yaml``: a mapping with the YAML keys above, nothing else;
 * under Megatron's ``--yaml-cfg`` (which replaces argparse, so our flags are never parsed):
   the same keys at the top level of that YAML, and/or in a ``channel_loss:`` section, and
@@ -246,50 +249,34 @@ def _check_names(names: Any, source: str, *, unique: bool = True) -> tuple[str, 
     return tuple(names)
 
 
-class _StoreOnce(argparse.Action):
-    """Store like argparse does, but refuse a flag given twice (argparse keeps the last one)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice; give it once")
-        setattr(namespace, self.dest, values)
-
-
-class _StoreTrueOnce(_StoreOnce):
-    """A bare flag that stores True, refused when given twice."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, True, option_string)
-
-
 def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the "channel loss" argument group to Megatron's parser; returns the parser."""
     group = parser.add_argument_group(title="channel loss")
-    group.add_argument("--channels", nargs="+", metavar="NAME", default=None, action=_StoreOnce,
+    group.add_argument("--channels", nargs="+", metavar="NAME", default=None,
                        help="Ordered channel names, each with its own loss curve; id = position.")
-    group.add_argument("--channel-loss-prefix", default=None, action=_StoreOnce,
+    group.add_argument("--channel-loss-prefix", default=None,
                        help="Metric key prefix (default loss_): channel math logs as loss_math.")
-    group.add_argument("--channel-loss-name", metavar="TEMPLATE", default=None, action=_StoreOnce,
+    group.add_argument("--channel-loss-name", metavar="TEMPLATE", default=None,
                        help="Loss key template instead of the prefix, e.g. '{channel}_loss' (default loss_{channel}).")
-    group.add_argument("--channel-token-accuracy", nargs=0, default=None, action=_StoreTrueOnce,
+    group.add_argument("--channel-token-accuracy", default=None, action="store_const", const=True,
                        help="Also log each channel's token accuracy (label is an argmax of the logits, ties "
                             "count) and the all-token 'token acc'.")
-    group.add_argument("--channel-accuracy-name", metavar="TEMPLATE", default=None, action=_StoreOnce,
+    group.add_argument("--channel-accuracy-name", metavar="TEMPLATE", default=None,
                        help="Accuracy key template (default token_acc_{channel}), e.g. '{channel}_token_acc'.")
-    group.add_argument("--channel-field", default=None, action=_StoreOnce,
+    group.add_argument("--channel-field", default=None,
                        help="Sample field holding the sample's channel name (default channel).")
-    group.add_argument("--channels-from-blend", nargs="*", metavar="NAME", default=None, action=_StoreOnce,
+    group.add_argument("--channels-from-blend", nargs="*", metavar="NAME", default=None,
                        help="One channel per component of the --data-path (or --train-data-path) blend, "
                             "named after its path, or by NAME i for component i. With --channels, "
                             "every blend name must be one of them.")
-    group.add_argument("--untracked-channels", choices=UNTRACKED_POLICIES, default=None, action=_StoreOnce,
+    group.add_argument("--untracked-channels", choices=UNTRACKED_POLICIES, default=None,
                        help="A sample without a known channel: error (default), other (extra channel "
                             "'other'), ignore (counted in lm loss only).")
     group.add_argument(f"--{MAX_SEQUENCES_FLAG}", type=int, default=DEFAULT_MAX_SEQUENCES_PER_ROW,
                        help="Packed rows (--sft, --dataloader-inter-document-masking): attention gets "
                             "micro_batch_size times this many sequences per microbatch, the real ones first "
                             f"(default {DEFAULT_MAX_SEQUENCES_PER_ROW}); a microbatch with more is an error.")
-    group.add_argument("--channel-config", metavar="FILE.yaml", default=None, action=_StoreOnce,
+    group.add_argument("--channel-config", metavar="FILE.yaml", default=None,
                        help=f"YAML mapping with keys {list(SETTING_KEYS)}; a setting may not be given "
                             "both there and as a flag.")
     return parser

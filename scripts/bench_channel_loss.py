@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # megatron_testing: real models on a CPU over gloo
 
 
 def loop_loss_func(loss_mask, output_tensor, cu_seqlens, channels, config):
@@ -106,7 +107,7 @@ def two_pass_loss_func(loss_mask, output_tensor, cu_seqlens, channels, config, c
     """ours+acc before the one-pass sums (a reference for the table, not used in training): the
     stock terms, then the per-channel sums of the masked losses with the mask, then the same
     sums again over the masked correct-token flags with the mask, by today's functions."""
-    from megatron_channel.channel_logging.names import TOKEN_ACC_KEY
+    from megatron_channel.names import TOKEN_ACC_KEY
     from megatron_channel.segment_math import sequence_channel_totals
     from megatron_channel.step.loss import stock_loss_terms
 
@@ -271,7 +272,7 @@ def demo_step_times(rounds: int) -> dict:
 
     from megatron_channel import ChannelConfig, channel_loss_func
     from megatron_channel.step.loss import stock_loss_func
-    from megatron_channel.testing import init_parallel, tiny_gpt
+    from megatron_testing import init_parallel, tiny_gpt
 
     init_parallel(tp=1)
     torch.manual_seed(0)
@@ -437,7 +438,7 @@ def _all_reduce_worker(rank, world_size, tokens_list, runs):
 
 def bench_tp_all_reduce(tokens_list, runs: int) -> list[dict]:
     """The one extra TP collective of token accuracy, over 2 gloo processes on this machine."""
-    from megatron_channel.testing import run_distributed
+    from megatron_testing import run_distributed
 
     rows = run_distributed(_all_reduce_worker, 2, tokens_list, runs, timeout=600)[0]
     for r in rows:
@@ -635,7 +636,7 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-step-only", action="store_true", help=argparse.SUPPRESS)  # one process of it
     opts = parser.parse_args(argv)
 
-    from megatron_channel.testing import init_single_process_group
+    from megatron_testing import init_single_process_group
 
     torch.set_num_threads(1)
     init_single_process_group()

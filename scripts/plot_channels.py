@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 
 from megatron_channel.channel_logging.jsonl_schema import TrainRecord, read_jsonl
-from megatron_channel.channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, validation_name
+from megatron_channel.names import LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, validation_name
 
 Series = list[tuple[int, float]]
 

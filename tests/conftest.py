@@ -4,16 +4,14 @@ Megatron's global variables from its own parser for the tests of the logging wra
 import argparse
 import os
 import sys
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_channel import uninstall_channel_logging
-from megatron_channel.testing import init_parallel, init_single_process_group
+from megatron_testing import init_parallel, init_single_process_group
 
-warnings.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, make_forward_step
 from megatron_channel.step.batch_forms import canonical_batch, default_position_ids
-from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
+from megatron_testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
 
 VOCAB, S, ROWS = 64, 16, 3
 CONFIG = ChannelConfig(["math", "code", "chat"])

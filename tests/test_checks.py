@@ -10,7 +10,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, channel_loss_func, make_forward_step
-from megatron_channel.testing import block_causal_mask, tiny_gpt
+from megatron_testing import block_causal_mask, tiny_gpt
 
 CONFIG = ChannelConfig(["math", "code", "chat"])
 S = 16

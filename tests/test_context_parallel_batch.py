@@ -9,7 +9,7 @@ channel metrics, summed over the CP ranks, equal the global per-channel sums com
 import pytest
 import torch
 
-from megatron_channel.testing import run_distributed
+from megatron_testing import run_distributed
 
 S, CP = 16, 2
 
@@ -18,7 +18,7 @@ def _cp_worker(rank, world_size, packed):
     from megatron_channel import ChannelConfig, channel_loss_func
     from megatron_channel.step.layout import Topology
     from megatron_channel.step.model_inputs import get_model_inputs
-    from megatron_channel.testing import init_parallel
+    from megatron_testing import init_parallel
 
     init_parallel(tp=1, cp=CP)
     topo = Topology.current()

@@ -15,7 +15,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_channel.cpu import gpt_layer_spec
 from megatron_channel.segment_math import thd_partition_index
-from megatron_channel.testing import block_causal_mask, init_parallel, run_distributed, tiny_gpt_config
+from megatron_testing import block_causal_mask, init_parallel, run_distributed, tiny_gpt_config
 
 VOCAB, SEQ = 64, 32
 # Packed row: a zero-length sequence, lengths that are multiples of 2 * cp = 4, and

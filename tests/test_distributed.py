@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, make_forward_step, reduce_channel_metrics
-from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, run_distributed
+from megatron_testing import PackedAsBlockMask, block_causal_mask, run_distributed
 
 VOCAB = 64
 SEQ = 16
@@ -173,7 +173,7 @@ class CountingIterator:
 
 
 def build_model(tp: int) -> PackedAsBlockMask:
-    from megatron_channel.testing import tiny_gpt
+    from megatron_testing import tiny_gpt
 
     # init_parallel seeded torch identically on every rank, so TP shards are consistent.
     return PackedAsBlockMask(tiny_gpt(vocab_size=VOCAB, seq_length=SEQ, tp=tp)).eval()
@@ -208,7 +208,7 @@ def _iteration_worker(rank, world_size, tp, batches):
     """One unpacked and one packed iteration; returns what the parent checks."""
     from megatron.core import parallel_state
 
-    from megatron_channel.testing import init_parallel
+    from megatron_testing import init_parallel
 
     init_parallel(tp=tp)
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -412,7 +412,7 @@ def _bad_batch_worker(rank, world_size, cases):
     forward_step. A sentinel broadcast after each case shows no stray broadcast happened."""
     from megatron.core import parallel_state
 
-    from megatron_channel.testing import init_parallel
+    from megatron_testing import init_parallel
 
     init_parallel(tp=2)
     model = build_model(tp=2)

@@ -46,7 +46,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_channel import ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segment_math import summing_like_a_gpu, thd_partition_index
 from megatron_channel.step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW
-from megatron_channel.testing import (
+from megatron_testing import (
+    PackedAsBlockMask,
     block_causal_mask,
     init_parallel,
     init_single_process_group,
@@ -90,24 +91,6 @@ def gpt():
     if created:  # else leave the TP=PP=CP=1 state for whoever set up the group
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-class MaskOnlyAttention(torch.nn.Module):
-    """Hands the real model the block-causal mask instead of ``packed_seq_params``.
-
-    Megatron's local (non-TE) ``DotProductAttention`` asserts ``packed_seq_params is None``;
-    on a GPU, TE's THD attention would use ``cu_seqlens``. The batch's ``attention_mask``
-    (``block_causal_mask``) is the same attention pattern. The params seen are recorded.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.module = model  # get_attr_wrapped_model unwraps through .module
-        self.seen_packed_seq_params = []
-
-    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None, loss_mask=None):
-        self.seen_packed_seq_params.append(packed_seq_params)
-        return self.module(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
 
 
 @pytest.fixture
@@ -576,7 +559,7 @@ def test_packed_row_matches_sequences_alone(gpt, seed, gpu_summing_on_odd_seeds)
         channels=torch.tensor(channels)[None],
     )
 
-    model = MaskOnlyAttention(gpt)
+    model = PackedAsBlockMask(gpt)
     with torch.no_grad():
         output, loss_func = make_forward_step(config)(iter([batch]), model)
     loss, num_tokens, metrics = loss_func(output)

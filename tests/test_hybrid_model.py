@@ -13,7 +13,7 @@ import torch
 
 from megatron_channel import BatchLayout, ChannelConfig, make_forward_step
 from megatron_channel.step.loss import stock_loss_func
-from megatron_channel.testing import init_parallel, run_distributed, tiny_hybrid
+from megatron_testing import init_parallel, run_distributed, tiny_hybrid
 
 pytest.importorskip("megatron.core.models.hybrid.hybrid_model", reason="HybridModel: megatron-core 0.18 on")
 
@@ -161,7 +161,7 @@ def test_output_layer_hook_on_gpt_gives_the_output_processor_flags(megatron_cpu,
     """The route megatron-core 0.17 takes (no output_processor): bitwise the same metrics, loss
     and gradients as the output_processor route on the same GPTModel."""
     from megatron_channel.step import forward_step as forward_step_module
-    from megatron_channel.testing import PackedAsBlockMask, tiny_gpt
+    from megatron_testing import PackedAsBlockMask, tiny_gpt
 
     init_parallel(seed=3)
     model = PackedAsBlockMask(tiny_gpt(vocab_size=VOCAB, seq_length=S))

@@ -1,5 +1,4 @@
-"""``install``: idempotent, reconfigurable, undone by uninstall; refuses a changed Megatron.
-Also the old module paths of the package: importable, with a ``DeprecationWarning``."""
+"""``install``: idempotent, reconfigurable, undone by uninstall; refuses a changed Megatron."""
 
 from __future__ import annotations
 
@@ -50,30 +49,3 @@ def test_install_refuses_a_changed_training_module_and_leaves_it_alone(clean_ins
         install_channel_logging(CONFIG)
     assert {n: getattr(training, n) for n in WRAPPED} == before
     assert installed_channel_logging() is None
-
-
-@pytest.mark.timeout(60)
-def test_old_module_paths_import_with_a_deprecation_warning():
-    import importlib
-    import sys
-    import warnings
-
-    from megatron_channel import BatchLayout
-    from megatron_channel._moved_modules import MOVED
-
-    for old, new in MOVED.items():
-        sys.modules.pop(f"megatron_channel.{old}", None)
-        with pytest.warns(DeprecationWarning, match=rf"megatron_channel\.{old} moved to megatron_channel\.{new}"):
-            module = importlib.import_module(f"megatron_channel.{old}")
-        assert module is importlib.import_module(f"megatron_channel.{new}")
-    assert importlib.import_module("megatron_channel.batch").BatchLayout is BatchLayout
-    # The two old modules that became packages still give their old names.
-    with pytest.warns(DeprecationWarning, match="channel_logging.installed_channel_logger moved to"):
-        from megatron_channel.channel_logging import installed_channel_logger
-    assert installed_channel_logger is installed_channel_logging
-    with pytest.warns(DeprecationWarning, match=r"launch\.main moved to megatron_channel\.launch\.pretrain_gpt\.main"):
-        from megatron_channel.launch import main  # noqa: F401
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(ImportError):
-            from megatron_channel.channel_logging import no_such_name  # noqa: F401

@@ -1,6 +1,6 @@
 """The launch script's wiring: what ``pretrain()`` is handed.
 
-``megatron_channel.launch.main`` parses real Megatron + channel arguments (Megatron's
+``megatron_channel.launch.pretrain_gpt.main`` parses real Megatron + channel arguments (Megatron's
 ``parse_and_validate_args``, with ``--cpu``), installs the channel logging and hands
 ``pretrain`` the config container, our datasets provider and our forward_step. Here
 ``pretrain`` is replaced by a recorder so that what it receives can be inspected and used
@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from megatron_channel.testing import run_distributed
+from megatron_testing import run_distributed
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -59,7 +59,7 @@ def _launch_worker(rank, world_size, data_dir):
     from megatron_channel.launch import pretrain_gpt as launch
     from megatron_channel import uninstall_channel_logging
     from megatron_channel.channel_logging.install import installed_channel_logging
-    from megatron_channel.testing import init_parallel, tiny_gpt
+    from megatron_testing import init_parallel, tiny_gpt
 
     demo = write_blend(data_dir)
     recorded = []
@@ -150,7 +150,7 @@ def _stock_worker(rank, world_size, data_dir):
 
     from megatron_channel.launch import pretrain_gpt as launch
     from megatron_channel.channel_logging.install import installed_channel_logging
-    from megatron_channel.testing import init_parallel, tiny_gpt
+    from megatron_testing import init_parallel, tiny_gpt
 
     write_blend(data_dir)
     recorded = []

@@ -48,7 +48,7 @@ def megatron_cuda():
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_channel.cpu import cuda_on_cpu_installed
-    from megatron_channel.testing import init_parallel, init_single_process_group
+    from megatron_testing import init_parallel, init_single_process_group
 
     if cuda_on_cpu_installed():
         pytest.skip("the CPU stand-ins for CUDA are installed in this process; run this module on its own")
@@ -157,7 +157,7 @@ def sft_rows() -> dict:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_forward_step_and_loss_do_not_sync(megatron_cuda, monkeypatch, packed):
-    from megatron_channel.testing import tiny_gpt
+    from megatron_testing import tiny_gpt
 
     training = sys.modules.get("megatron.training.training")
     if training is not None:  # forward_step feeds its packed-length statistics: keep them as they were

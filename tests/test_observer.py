@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_channel import ChannelConfig, make_forward_step
-from megatron_channel.testing import block_causal_mask, tiny_gpt
+from megatron_testing import block_causal_mask, tiny_gpt
 
 S, VOCAB = 24, 48
 CONFIG = ChannelConfig(["math", "code", "chat"])

@@ -31,7 +31,7 @@ import torch
 from megatron_channel import BatchLayout, ChannelBatchError, ChannelConfig, make_forward_step
 from megatron_channel.segment_math import compact_sequences
 from megatron_channel.step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW, MAX_SEQUENCES_FLAG
-from megatron_channel.testing import init_parallel, run_distributed
+from megatron_testing import init_parallel, run_distributed
 
 VOCAB = 64
 SEQ = 4096
@@ -135,7 +135,7 @@ def thd_gpt(tp: int = 1):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_channel.cpu import gpt_layer_spec
-    from megatron_channel.testing import tiny_gpt_config
+    from megatron_testing import tiny_gpt_config
 
     config = tiny_gpt_config(tp=tp, hidden=16, layers=1, heads=2)
     gpt = GPTModel(config=config, transformer_layer_spec=gpt_layer_spec(config), vocab_size=VOCAB,
@@ -273,7 +273,7 @@ def test_a_microbatch_over_the_bound_stops_tp_rank_0_before_its_broadcast():
 def test_every_packed_form_hands_attention_the_compacted_list(megatron_cpu, seed):
     from test_batch_forms import S, packed_forms, run
 
-    from megatron_channel.testing import PackedAsBlockMask, tiny_gpt
+    from megatron_testing import PackedAsBlockMask, tiny_gpt
 
     init_parallel(seed=1234)
     model = PackedAsBlockMask(tiny_gpt(vocab_size=VOCAB, seq_length=64).eval())

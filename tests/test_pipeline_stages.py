@@ -9,7 +9,7 @@ test_pretrain_e2e.py (PP=2 through ``pretrain()``).
 import pytest
 import torch
 
-from megatron_channel.testing import run_distributed
+from megatron_testing import run_distributed
 
 S = 16
 # What attention gets for the packed row [0, 5, S, S]: its two sequences, then zero-length ones
@@ -21,7 +21,7 @@ PACKED_CHANNELS = [1, 0] + [-1] * 254
 def _stage_worker(rank, world_size, packed, pp=2, middle_has_data=True):
     from megatron_channel.step.layout import Topology
     from megatron_channel.step.model_inputs import get_model_inputs
-    from megatron_channel.testing import block_causal_mask, init_parallel
+    from megatron_testing import block_causal_mask, init_parallel
 
     init_parallel(tp=1, pp=pp)
     topo = Topology.current()

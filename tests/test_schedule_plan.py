@@ -10,7 +10,7 @@ an argmax reference over the logits the same plan computes without labels.
 import pytest
 import torch
 
-from megatron_channel.testing import run_distributed
+from megatron_testing import run_distributed
 
 VOCAB, S = 8, 16
 
@@ -22,7 +22,7 @@ def _plan_worker(rank, world_size):
     from megatron.core.models.common.model_chunk_schedule_plan import TransformerModelChunkSchedulePlan as Plan
 
     from megatron_channel import ChannelConfig, make_forward_step
-    from megatron_channel.testing import init_parallel, tiny_gpt
+    from megatron_testing import init_parallel, tiny_gpt
 
     init_parallel()
     gpt = tiny_gpt(vocab_size=VOCAB, seq_length=S).eval()  # a small vocabulary: some argmaxes are right

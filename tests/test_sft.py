@@ -41,9 +41,9 @@ from megatron.training.datasets.sft_dataset import SFTDataset
 from megatron_channel import ChannelConfig, make_forward_step
 from megatron_channel.data.tagged import INHERIT_CHANNEL, ChannelTaggedDataset, blend_component_paths, tag_datasets
 from megatron_channel.data.sft import SFTJsonlDataset, sft_dataset_class
-from megatron_channel.testing import block_causal_mask, tiny_gpt
+from megatron_testing import block_causal_mask, tiny_gpt
 from megatron_channel.data.sft import IGNORE_INDEX
-from megatron_channel.testing.byte_tokenizer import VOCAB_SIZE, ByteChatTokenizer
+from megatron_testing.byte_tokenizer import VOCAB_SIZE, ByteChatTokenizer
 
 NAMES = {"math": 0, "code": 1, "chat": 2}
 OTHER = 3

@@ -27,7 +27,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_channel import BatchLayout, ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segment_math import thd_partition_index
 from megatron_channel.step.token_accuracy import target_is_argmax
-from megatron_channel.testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
+from megatron_testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
 
 VOCAB, S = 64, 16
 CONFIG = ChannelConfig(["math", "code", "chat"], token_accuracy=True)

@@ -60,7 +60,16 @@ from megatron_channel.channel_logging.wrappers import (
     wrap_train_step,
     wrap_training_log,
 )
-from megatron_channel.testing import init_parallel, run_distributed, tiny_gpt
+from megatron_testing import init_parallel, run_distributed, tiny_gpt
+
+
+def call_training_log(total_loss_dict, iteration, skipped_iter=0):
+    """Megatron's ``training_log`` as ``train()`` calls it, by keyword."""
+    return training.training_log(
+        loss_dict={}, total_loss_dict=total_loss_dict, learning_rate=1e-3, iteration=iteration, loss_scale=1.0,
+        report_memory_flag=False, skipped_iter=skipped_iter, grad_norm=1.5, params_norm=None,
+        num_zeros_in_grad=None, max_attention_logit=None, is_first_iteration=(iteration == 1),
+    )
 
 
 def read_scalars(logdir) -> dict[str, dict[int, float]]:
@@ -87,10 +96,7 @@ def test_real_training_log_prints_and_writes_exact_channel_values(megatron_globa
         state.pending_train_totals = totals_of(it)  # what the train_step wrapper hands over
         args.consumed_train_samples = 4 * iteration
         timers("interval-time", log_level=0).set_elapsed(0.5)
-        training.training_log(
-            {}, total_loss_dict, 1e-3, iteration, 1.0, False, int(it["skipped"]), 1.5, None, None, None,
-            is_first_iteration=(iteration == 1),
-        )
+        call_training_log(total_loss_dict, iteration, skipped_iter=int(it["skipped"]))
         out = capsys.readouterr().out
         lines[iteration] = [line for line in out.splitlines() if " iteration " in line]
     global_vars.get_tensorboard_writer().flush()
@@ -226,7 +232,9 @@ def _train_step_worker(rank, world_size):
 
     dist.all_reduce = counting_all_reduce
     try:
-        result = wrapped(forward_step, batches, [model], None, None, None, sequential_forward_backward, iteration=0)
+        result = wrapped(forward_step_func=forward_step, data_iterator=batches, model=[model], optimizer=None,
+                         opt_param_scheduler=None, config=None, forward_backward_func=sequential_forward_backward,
+                         iteration=0)
     finally:
         dist.all_reduce = all_reduce
     return dict(keys=list(result[0]), lm_loss=float(result[0]["lm loss"]), calls=calls,
@@ -263,7 +271,8 @@ def test_train_step_wrapper_refuses_a_forward_step_without_channel_metrics(megat
     wrapped = wrap_train_step(train_step_stand_in, ChannelLoggingState(CONFIG))
     batches = [microbatch(0, i) for i in range(MICROBATCHES)]
     with pytest.raises(ChannelMetricsError, match="lack.*make_forward_step"):
-        wrapped(stock_forward_step, batches, [None], None, None, None, sequential_forward_backward)
+        wrapped(forward_step_func=stock_forward_step, data_iterator=batches, model=[None], optimizer=None,
+                opt_param_scheduler=None, config=None, forward_backward_func=sequential_forward_backward)
 
 
 @pytest.mark.timeout(60)
@@ -272,8 +281,8 @@ def test_train_step_wrapper_refuses_full_iteration_cuda_graphs(megatron_globals)
     args.cuda_graph_impl = "full_iteration"
     wrapped = wrap_train_step(train_step_stand_in, ChannelLoggingState(CONFIG))
     with pytest.raises(MegatronInternalsError, match="--cuda-graph-impl full_iteration"):
-        wrapped(lambda *_: pytest.fail("no microbatch may run"), [], [None], None, None, None,
-                sequential_forward_backward)
+        wrapped(forward_step_func=lambda *_: pytest.fail("no microbatch may run"), data_iterator=[], model=[None],
+                optimizer=None, opt_param_scheduler=None, config=None, forward_backward_func=sequential_forward_backward)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -307,7 +316,8 @@ def test_real_evaluate_and_print_results_shows_exact_validation_losses(megatron_
         losses, mask, channels = next(data_iterator)
         return losses, partial(channel_loss_func, loss_mask=mask, channels=channels, config=CONFIG)
 
-    evaluate_and_print("iteration 10", forward_step, iter(batches), [None], 10, None, None,
+    evaluate_and_print(prefix="iteration 10", forward_step_func=forward_step, data_iterator=iter(batches),
+                       model=[None], iteration=10, process_non_loss_data_func=None, config=None,
                        write_to_tensorboard=True)
     global_vars.get_tensorboard_writer().flush()
     out = capsys.readouterr().out
@@ -436,8 +446,7 @@ def test_real_training_log_shows_and_writes_token_accuracy(megatron_globals, tmp
         state.pending_train_totals = torch.cat([totals_of(it), torch.tensor(rows, dtype=torch.float64)])
         args.consumed_train_samples = 4 * iteration
         timers("interval-time", log_level=0).set_elapsed(0.5)
-        training.training_log({}, {}, 1e-3, iteration, 1.0, False, 0, 1.5, None, None, None,
-                              is_first_iteration=(iteration == 1))
+        call_training_log({}, iteration)
     global_vars.get_tensorboard_writer().flush()
     line = [l for l in capsys.readouterr().out.splitlines() if " iteration " in l][-1]  # iterations 1..2
     # math: (3 + 1) / (4 + 2); code: 1 / 2; chat: 1 / 1; all: 6 / 11.

@@ -22,7 +22,6 @@ The parts, one module each, in the order a value passes them:
   all-reduce per iteration.
 * ``windows``: exact token-weighted windows (console interval, TensorBoard interval,
   whole run).
-* ``names``: every name a value is shown or written under.
 * ``log_fields``: the console fields and the TensorBoard / W&B scalars.
 * ``jsonl_schema``: the jsonl records, written here and read by the plotter and the tests.
 * ``wrappers``: the four wrappers (and ``print_rank_last``'s) and the state they share.
@@ -35,12 +34,3 @@ exported by ``megatron_channel`` itself.
 Not supported (refused with an error naming it): ``--cuda-graph-impl full_iteration``
 (replayed graphs never call ``loss_func`` in Python, so nothing could be captured).
 """
-from .._moved_modules import moved_names
-
-# This package was one module that re-exported the names of the others.
-__getattr__ = moved_names(
-    __name__,
-    ("install", "wrappers", "metric_capture", "windows", "log_fields", "jsonl_schema", "names"),
-    {"ChannelLogger": "ChannelLoggingState", "installed_channel_logger": "installed_channel_logging",
-     "reduce_captured": "all_reduce_totals"},
-)

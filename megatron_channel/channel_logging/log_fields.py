@@ -4,14 +4,14 @@ Windows (``windows.ChannelReport``): the console fields cover the log interval; 
 scalars cover the iterations since the previous TensorBoard point (one iteration with the
 default ``--tensorboard-log-interval 1``). A channel without tokens in a window has no loss
 value there (shown with its token count, 0), so nothing shown or written is NaN or inf.
-Names: ``names``.
+Names: ``megatron_channel.names``.
 """
 
 from __future__ import annotations
 
 from ..config import ChannelConfig
 from ..megatron_internals.loop import ITERATION_LINE_MARK, LOSS_SCALE_FIELD, VALIDATION_LINE_MARK
-from .names import ALL_TOKENS_NAME, CUMULATIVE, LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, tokens_name, validation_name
+from ..names import ALL_TOKENS_NAME, CUMULATIVE, LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, tokens_name, validation_name
 from .windows import ChannelReport, ChannelStats
 
 

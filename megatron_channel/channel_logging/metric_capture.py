@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..config import ChannelConfig
-from .names import LM_LOSS_KEY, TOKEN_ACC_KEY
+from ..names import LM_LOSS_KEY, TOKEN_ACC_KEY
 
 
 class ChannelMetricsError(KeyError):

@@ -31,7 +31,7 @@ fields cannot be placed: ``training_log`` warns after ``UNRECOGNISED_LINE_INTERV
 intervals without a recognised iteration line, and ``evaluate_and_print_results`` after an
 evaluation without a recognised validation line (``ChannelLoggingWarning``, once each).
 
-Names and formats of what they write: ``names``, ``log_fields``, ``jsonl_schema``.
+Names and formats of what they write: ``megatron_channel.names``, ``log_fields``, ``jsonl_schema``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from .log_fields import (
 from ..megatron_internals.loop import TEST_SET_PREFIX_END, TRAIN_STEP_RESULT_LENGTH, megatron_args, support_hint
 from ..megatron_internals.releases import MegatronInternalsError
 from .metric_capture import ChannelMetricsError, all_reduce_totals, capturing_forward_step, dp_cp_group
-from .names import VS_SAMPLES
+from ..names import VS_SAMPLES
 from .windows import ChannelAccountant, ChannelReport, ChannelStats
 
 

@@ -5,8 +5,3 @@
 and HybridModel providers for releases without Megatron's builders. ``startup``: the launch
 fixes of the megatron-core wheels and the ``--cpu`` flags and checks.
 """
-
-from .._moved_modules import moved_names
-
-# This package was one module, launch.py.
-__getattr__ = moved_names(__name__, ("pretrain_gpt", "startup"))

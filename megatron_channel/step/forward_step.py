@@ -81,6 +81,9 @@ def make_forward_step(
             Without TP the batch's own shapes are used.
         validate: check channel ids and ``cu_seqlens`` on TP rank 0 while the batch is
             still on the CPU (no GPU sync). Checks are skipped for tensors already on a GPU.
+        pass_packed_seq_params: hand the model ``packed_seq_params`` (default). False: for an
+            attention that takes the batch's block-diagonal ``attention_mask`` instead of THD
+            metadata (Megatron's local attention on a CPU).
 
     With ``config.token_accuracy`` the last pipeline stage computes the correct-token flags in
     the model's own loss step (``token_accuracy``): through GPTModel's ``output_processor``

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from ..channel_logging.names import LM_LOSS_KEY, TOKEN_ACC_KEY
+from ..names import LM_LOSS_KEY, TOKEN_ACC_KEY
 from ..config import ChannelConfig
 from ..segment_math import local_boundaries, row_channel_totals, sequence_channel_totals
 from .checks import check_channel_ids, check_cu_seqlens, check_packed_channels, check_row_channels

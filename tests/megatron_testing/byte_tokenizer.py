@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..data.sft import IGNORE_INDEX
+from megatron_channel.data.sft import IGNORE_INDEX
 
 NUM_BYTES = 256
 PAD_ID = 256

@@ -17,8 +17,8 @@ equivalent block-diagonal causal mask so a packed row can run on a CPU, and
 ``PackedAsBlockMask`` wraps a model to do so for every packed call.
 Nothing else of Megatron is replaced.
 
-``byte_tokenizer`` is a file-free chat tokenizer for Megatron's SFT dataset. None of this
-is the package's API; it ships so the tests and benchmarks run from an installed package.
+``byte_tokenizer`` is a file-free chat tokenizer for Megatron's SFT dataset. This lives with
+the tests, not in the package; ``scripts/bench_channel_loss.py`` puts ``tests/`` on its path.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from ..cpu.cuda_on_cpu import allocate_global_buffers_on_cpu
+from megatron_channel.cpu.cuda_on_cpu import allocate_global_buffers_on_cpu
 
 
 def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
@@ -97,7 +97,7 @@ def tiny_hybrid(vocab_size: int = 64, seq_length: int = 32, pattern: str = "*-*-
 
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
-    from ..cpu.hybrid_spec import hybrid_stack_spec
+    from megatron_channel.cpu.hybrid_spec import hybrid_stack_spec
 
     config = dataclasses.replace(tiny_gpt_config(**config_kwargs), num_layers=len(pattern), is_hybrid_model=True)
     return HybridModel(
@@ -129,14 +129,17 @@ class PackedAsBlockMask(torch.nn.Module):
     ``packed_seq_params``: those become the equivalent ``block_causal_mask`` of their
     ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``). Every other argument, the output
     processor included, passes through. Calls run under ``CudaDevicesOnCpu``: without a mask
-    the local attention builds its causal mask on ``device="cuda"``.
+    the local attention builds its causal mask on ``device="cuda"``. ``seen_packed_seq_params``
+    records what each call was given.
     """
 
     def __init__(self, gpt):
         super().__init__()
         self.module = gpt  # get_attr_wrapped_model unwraps through .module
+        self.seen_packed_seq_params = []
 
     def forward(self, tokens, position_ids, attention_mask, packed_seq_params=None, **kwargs):
+        self.seen_packed_seq_params.append(packed_seq_params)
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
@@ -145,7 +148,7 @@ class PackedAsBlockMask(torch.nn.Module):
 
     def direct(self, *args, **kwargs):
         """GPTModel itself, called with these arguments."""
-        from ..cpu.cuda_on_cpu import CudaDevicesOnCpu
+        from megatron_channel.cpu.cuda_on_cpu import CudaDevicesOnCpu
 
         with CudaDevicesOnCpu():
             return self.module(*args, **kwargs)

@@ -1,21 +1,12 @@
 """Channel-loss settings from Megatron's command line, a channel YAML, or Megatron's --yaml-cfg.
 
-Eight settings; each has a flag, and a YAML key equal to the flag's argparse ``dest``:
-
-* ``--channels NAME ...`` / ``channels``: ordered channel names; id = position.
-* ``--channel-loss-name`` / ``channel_loss_name``: template of the loss keys
-  (``loss_{channel}``), e.g. ``{channel}_loss`` to match existing dashboards.
-* ``--channel-loss-prefix`` / ``channel_loss_prefix``: the same as a prefix (``loss_`` is
-  ``loss_{channel}``); give one of the two.
-* ``--channel-token-accuracy`` / ``channel_token_accuracy`` (``true``): also log per-channel
-  and all-token accuracy (the share of loss tokens whose label is an argmax of the logits).
-* ``--channel-accuracy-name`` / ``channel_accuracy_name``: template of the accuracy keys
-  (``token_acc_{channel}``).
-* ``--channel-field`` / ``channel_field``: the sample field with the channel name (``channel``).
-* ``--channels-from-blend [NAME ...]`` / ``channels_from_blend`` (``true`` or a list of
-  names): one channel per blend component (off by default).
-* ``--untracked-channels`` / ``untracked_channels``: what a sample without a known channel
-  gets: ``error`` (default), ``other`` (an extra last channel ``other``) or ``ignore`` (-1).
+The settings are declared once, in ``SETTINGS``: each ``Setting`` gives its YAML key (the
+flag's argparse ``dest``), its flag, its default, its help and the README's flags-table row
+(``flags_table_row``; ``tests/test_settings.py`` checks the README against it). They are:
+the channel names (``channels``), the loss and accuracy key names (``channel_loss_prefix`` or
+``channel_loss_name``, ``channel_accuracy_name``), token accuracy
+(``channel_token_accuracy``), where a sample's channel comes from (``channel_field``,
+``channels_from_blend``) and what a sample without one gets (``untracked_channels``).
 
 Where they may be given (every setting in ONE place: giving one setting both as a flag and in
 a YAML, or in two YAML places, is a ``ValueError`` naming both, because a silent precedence
@@ -59,13 +50,77 @@ from .step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW, MAX_SEQUENCES_FLAG, chec
 
 UNTRACKED_POLICIES = ("error", "other", "ignore")
 OTHER_CHANNEL = "other"
-SETTING_KEYS = ("channels", "channel_loss_prefix", "channel_loss_name", "channel_token_accuracy",
-                "channel_accuracy_name", "channel_field", "channels_from_blend", "untracked_channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One channel setting, declared once: its flag, its YAML key and its default come from here.
+
+    Attributes:
+        key: the YAML key, which is also the flag's argparse ``dest`` (``--`` + key with dashes).
+        default: the value when the setting is given nowhere (None: no default).
+        help: the flag's help text; the README's flags table says the same.
+        argparse: more ``add_argument`` keywords (``nargs``, ``metavar``, ``choices``, ``action``).
+    """
+
+    key: str
+    default: Any
+    help: str
+    argparse: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("channels", None, "ordered channel names; a channel's id is its position",
+            dict(nargs="+", metavar="NAME")),
+    Setting("channel_loss_prefix", DEFAULT_PREFIX, "metric key prefix: channel `math` logs as `loss_math`",
+            dict(metavar="P")),
+    Setting("channel_loss_name", None, "the loss key as a template instead of the prefix, e.g. `{channel}_loss`, "
+            "so a run logs under the names its dashboards already have (give this or the prefix)",
+            dict(metavar="TEMPLATE")),
+    Setting("channel_token_accuracy", False, "also log each channel's token accuracy (the share of its loss tokens "
+            "whose label is an argmax of the logits; ties count, as in Megatron's vocab-parallel rule) and the "
+            "all-token `token acc`", dict(action="store_const", const=True)),
+    Setting("channel_accuracy_name", DEFAULT_ACCURACY_NAME, "the accuracy key template, e.g. `{channel}_token_acc`",
+            dict(metavar="TEMPLATE")),
+    Setting("channel_field", "channel", "sample field (jsonl key) holding a sample's channel name",
+            dict(metavar="F")),
+    Setting("channels_from_blend", None, "one channel per `--data-path` (or `--train-data-path`) blend component: "
+            "named after its path (`/data/math_text_document` -> `math_text_document`, `chat.jsonl` -> `chat`), or "
+            "NAME i for component i. With `--channels` too, every blend name must be one of them, so several "
+            "components can share a channel", dict(nargs="*", metavar="NAME")),
+    Setting("untracked_channels", "error", "a sample with no channel or an unknown name: `error` stops at data "
+            "build time naming the file and line, `other` counts it in an extra last channel `other` (in the key "
+            "set from the start), `ignore` counts it in `lm loss` only", dict(choices=UNTRACKED_POLICIES)),
+)
+
+
+def flags_table_row(setting: Setting) -> str:
+    """The README's row of ``setting``: ``| flag | default | meaning |``, from its declaration."""
+    options = setting.argparse
+    if "choices" in options:
+        usage = f"{setting.flag} {{{','.join(options['choices'])}}}"
+    elif options.get("nargs") == "+":
+        usage = f"{setting.flag} {options['metavar']} [{options['metavar']} ...]"
+    elif options.get("nargs") == "*":
+        usage = f"{setting.flag} [{options['metavar']} ...]"
+    elif "metavar" in options:
+        usage = f"{setting.flag} {options['metavar']}"
+    else:
+        usage = setting.flag
+    default = "off" if setting.default is False or (setting.default is None and options.get("nargs") == "*") else (
+        "" if setting.default is None else f"`{setting.default}`")
+    return f"| `{usage}` |{f' {default} ' if default else ' '}| {setting.help} |"
+
+
+SETTING_KEYS = tuple(setting.key for setting in SETTINGS)
+DEFAULTS = {setting.key: setting.default for setting in SETTINGS if setting.default is not None}
 CONFIG_FILE_KEY = "channel_config"
 YAML_SECTION = "channel_loss"
 COMMAND_LINE = "command line"
-DEFAULTS = {"channel_loss_prefix": DEFAULT_PREFIX, "channel_accuracy_name": DEFAULT_ACCURACY_NAME,
-            "channel_field": "channel", "untracked_channels": "error"}
 # Suffixes of whole-file datasets (jsonl for SFT, Megatron's .bin/.idx pair). Only these are
 # stripped: an indexed-dataset prefix such as "web.v2_text_document" keeps its dots.
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".bin", ".idx")
@@ -252,26 +307,9 @@ def _check_names(names: Any, source: str, *, unique: bool = True) -> tuple[str, 
 def add_channel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the "channel loss" argument group to Megatron's parser; returns the parser."""
     group = parser.add_argument_group(title="channel loss")
-    group.add_argument("--channels", nargs="+", metavar="NAME", default=None,
-                       help="Ordered channel names, each with its own loss curve; id = position.")
-    group.add_argument("--channel-loss-prefix", default=None,
-                       help="Metric key prefix (default loss_): channel math logs as loss_math.")
-    group.add_argument("--channel-loss-name", metavar="TEMPLATE", default=None,
-                       help="Loss key template instead of the prefix, e.g. '{channel}_loss' (default loss_{channel}).")
-    group.add_argument("--channel-token-accuracy", default=None, action="store_const", const=True,
-                       help="Also log each channel's token accuracy (label is an argmax of the logits, ties "
-                            "count) and the all-token 'token acc'.")
-    group.add_argument("--channel-accuracy-name", metavar="TEMPLATE", default=None,
-                       help="Accuracy key template (default token_acc_{channel}), e.g. '{channel}_token_acc'.")
-    group.add_argument("--channel-field", default=None,
-                       help="Sample field holding the sample's channel name (default channel).")
-    group.add_argument("--channels-from-blend", nargs="*", metavar="NAME", default=None,
-                       help="One channel per component of the --data-path (or --train-data-path) blend, "
-                            "named after its path, or by NAME i for component i. With --channels, "
-                            "every blend name must be one of them.")
-    group.add_argument("--untracked-channels", choices=UNTRACKED_POLICIES, default=None,
-                       help="A sample without a known channel: error (default), other (extra channel "
-                            "'other'), ignore (counted in lm loss only).")
+    for setting in SETTINGS:
+        # Default None, so that "given" shows (a flag and a YAML key for one setting is an error).
+        group.add_argument(setting.flag, default=None, help=setting.help, **setting.argparse)
     group.add_argument(f"--{MAX_SEQUENCES_FLAG}", type=int, default=DEFAULT_MAX_SEQUENCES_PER_ROW,
                        help="Packed rows (--sft, --dataloader-inter-document-masking): attention gets "
                             "micro_batch_size times this many sequences per microbatch, the real ones first "
@@ -317,7 +355,7 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
         names=channels,
         prefix=raw.get("channel_loss_prefix", DEFAULTS["channel_loss_prefix"]),
         loss_name=raw.get("channel_loss_name"),
-        token_accuracy=raw.get("channel_token_accuracy", False),
+        token_accuracy=raw.get("channel_token_accuracy", DEFAULTS["channel_token_accuracy"]),
         accuracy_name=raw.get("channel_accuracy_name", DEFAULTS["channel_accuracy_name"]),
         field=raw.get("channel_field", DEFAULTS["channel_field"]),
         from_blend=from_blend,

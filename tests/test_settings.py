@@ -466,3 +466,22 @@ def test_packed_rows_refuse_what_they_cannot_train_with_at_start_up(parser, argv
 ])
 def test_packed_rows_accept_what_they_can_train_with(parser, argv):
     settings_of(parser, "--channels", "math", *argv)
+
+
+@pytest.mark.timeout(30)
+def test_each_setting_is_declared_once_for_its_flag_yaml_key_default_and_readme_row(parser):
+    """``SETTINGS`` gives the flags the parser has, the YAML keys a channel file takes, the
+    defaults the resolved settings get, and the README's flags-table rows, word for word."""
+    import os
+
+    from megatron_channel.settings import DEFAULTS, SETTING_KEYS, SETTINGS, flags_table_row
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for setting in SETTINGS:
+        assert setting.flag in flags and setting.key in SETTING_KEYS
+        assert flags_table_row(setting) in readme.splitlines(), f"README's row of {setting.flag} is not its declaration's"
+    resolved = settings_of(parser, "--channels", "math")
+    assert (resolved.prefix, resolved.accuracy_name, resolved.field, resolved.untracked, resolved.token_accuracy) == (
+        DEFAULTS["channel_loss_prefix"], DEFAULTS["channel_accuracy_name"], DEFAULTS["channel_field"],
+        DEFAULTS["untracked_channels"], DEFAULTS["channel_token_accuracy"])

@@ -80,15 +80,15 @@ def read_scalars(logdir) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.timeout(60)
-def test_real_training_log_prints_and_writes_exact_channel_values(megatron_globals, tmp_path, capsys):
+def run_training_log(megatron_globals, tmp_path, capsys):
+    """Megatron's real ``training_log``, installed logging, over ``ITERATIONS``: the console lines
+    by iteration, the TensorBoard scalars, what W&B got, and the jsonl records."""
     args, wandb = megatron_globals
     jsonl = tmp_path / "run" / "channels.jsonl"
     install_channel_logging(CONFIG, jsonl_path=str(jsonl))
     state = installed_channel_logging()
     timers = global_vars.get_timers()
     total_loss_dict = {"lm loss": torch.tensor([2.0])}
-
     lines = {}
     for iteration, it in enumerate(ITERATIONS, start=1):
         if iteration == 2:
@@ -100,12 +100,18 @@ def test_real_training_log_prints_and_writes_exact_channel_values(megatron_globa
         out = capsys.readouterr().out
         lines[iteration] = [line for line in out.splitlines() if " iteration " in line]
     global_vars.get_tensorboard_writer().flush()
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    return lines, read_scalars(tmp_path / "tb"), wandb.logged, records
 
-    # Console: iteration 1 (first, not reset), 2 (window 1..2), 4 (window 3..4, 3 skipped).
+
+@pytest.mark.timeout(60)
+def test_training_log_console_line_holds_each_window_exactly(megatron_globals, tmp_path, capsys):
+    """Iteration 1 (first, not reset), 2 (window 1..2), 4 (window 3..4, 3 skipped); no NaN; the
+    fields right after lm loss; a channel without tokens shows its count, not a loss."""
+    lines, _, _, _ = run_training_log(megatron_globals, tmp_path, capsys)
     assert [len(lines[i]) for i in (1, 2, 3, 4)] == [1, 1, 0, 1]
     first, second, fourth = lines[1][0], lines[2][0], lines[4][0]
-    for line in (first, second, fourth):
-        assert no_nan(line), line
+    assert all(no_nan(line) for line in (first, second, fourth))
     assert " lm loss: 2.000000E+00 | loss_math: 2.500000E+00 | tokens_math: 4 | token share math: 0.5000 |" in first
     assert " loss_code: 1.500000E+00 | tokens_code: 2 | token share code: 0.2500 |" in first
     assert " tokens_chat: 0 | token share chat: 0.0000 |" in first and "loss_chat" not in first
@@ -117,8 +123,12 @@ def test_real_training_log_prints_and_writes_exact_channel_values(megatron_globa
     assert "loss_code:" not in fourth and " tokens_code: 0 |" in fourth
     assert fourth.index("loss_math") < fourth.index(" loss scale:")
 
-    # TensorBoard: one point per non-empty iteration window (interval 1), nothing at the skipped one.
-    scalars = read_scalars(tmp_path / "tb")
+
+@pytest.mark.timeout(60)
+def test_training_log_tensorboard_gets_one_point_per_non_empty_window(megatron_globals, tmp_path, capsys):
+    """Interval 1: a point per iteration a channel had tokens, none at the skipped one; counts,
+    shares, cumulative and vs-samples series; nothing NaN."""
+    _, scalars, _, _ = run_training_log(megatron_globals, tmp_path, capsys)
     assert "learning-rate" in scalars  # the real training_log wrote through the same writer
     assert scalars["loss_math"] == pytest.approx({1: 2.5, 2: 1.0, 4: 3.0}, rel=1e-7)
     assert scalars["loss_code"] == pytest.approx({1: 1.5}, rel=1e-7)
@@ -130,17 +140,22 @@ def test_real_training_log_prints_and_writes_exact_channel_values(megatron_globa
     assert scalars["loss_math vs samples"] == pytest.approx({4: 2.5, 8: 1.0, 16: 3.0}, rel=1e-7)
     assert all(math.isfinite(v) for series in scalars.values() for v in series.values())
 
-    # W&B: the same names and values at the same steps.
+
+@pytest.mark.timeout(60)
+def test_training_log_wandb_gets_the_tensorboard_names_and_values(megatron_globals, tmp_path, capsys):
+    _, scalars, logged, _ = run_training_log(megatron_globals, tmp_path, capsys)
     ours = {}
-    for values, step in wandb.logged:
+    for values, step in logged:
         for name, value in values.items():
             if name in scalars and name != "learning-rate":
                 ours.setdefault(name, {})[step] = value
     assert ours["loss_math"] == {1: 2.5, 2: 1.0, 4: 3.0}
     assert ours["token share math cumulative"] == {1: 0.5, 2: 6 / 11, 4: 8 / 13}
 
-    # jsonl: one record per console line.
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+@pytest.mark.timeout(60)
+def test_training_log_writes_one_jsonl_record_per_console_line(megatron_globals, tmp_path, capsys):
+    _, _, _, records = run_training_log(megatron_globals, tmp_path, capsys)
     assert [r["iteration"] for r in records] == [1, 2, 4]
     assert records[1]["channels"]["math"] == dict(
         loss=2.0, tokens=6.0, tokens_cumulative=6.0, share=6 / 11, share_cumulative=6 / 11

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import ChannelConfig
 from ..megatron_internals.loop import WRAPPED_PARAMETERS, check_megatron_internals, training_module
 from ..megatron_internals.patches import Patch, apply_patch, original_of
-from ..megatron_internals.releases import installed_version
+from ..megatron_internals.releases import installed_version, is_tested
 from .wrappers import (
     ChannelLoggingState,
     wrap_evaluate,
@@ -67,8 +67,8 @@ def install_channel_logging(config: ChannelConfig, *, jsonl_path: str | None = N
         ),
         "print_rank_last": wrap_print_rank_last(originals["print_rank_last"], state),
     }
-    version = ".".join(map(str, installed_version()))
-    loop = release.name if version.startswith(release.name + ".") else f"{version}, run as {release.name}"
+    version = installed_version()
+    loop = release.name if is_tested(version) else f"{'.'.join(map(str, version))}, run as {release.name}"
     patch = apply_patch(module, wrappers, reason=f"per-channel logging, megatron-core {loop} loop")
     _INSTALLED = _Installation(state, patch)
 

@@ -22,6 +22,7 @@ import torch
 
 from ..megatron_internals.patches import apply_patch, find_patch
 from ..step.layout import rows_are_packed
+from .models import is_hybrid
 
 CPU_FLAG = "--cpu"
 # Megatron flags a CPU run needs; given first, so the user's own later values win where
@@ -122,7 +123,7 @@ def check_cpu_args(args) -> None:
     for flag, on in (("--bf16", args.bf16), ("--fp16", args.fp16)):
         if on:
             raise LaunchError(f"--cpu trains in float32 over gloo; drop {flag}")
-    if getattr(args, "hybrid_layer_pattern", None):
+    if is_hybrid(args):
         check_cpu_hybrid_args(args)
     elif needs_cpu_attention(args):
         if args.spec is None:

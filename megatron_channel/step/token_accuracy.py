@@ -107,12 +107,18 @@ def output_processor_with_correct_tokens(*, hidden_states, output_layer, output_
     logits = scale_logits(logits)
     if labels is None:
         return logits.transpose(0, 1).contiguous()
-    # runtime_gather_output, when given, overrides the layer's own gather_output (as in the layer).
-    gathered = getattr(output_layer, "gather_output", False) if runtime_gather_output is None else runtime_gather_output
-    gathered = bool(gathered)
-    context.flags = target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
-                                     vocab_is_sharded=not gathered, loss_mask=context.loss_mask)
+    context.flags = flags_of_layer_output(output_layer, logits, labels, runtime_gather_output, context.loss_mask)
     return compute_language_model_loss(labels, logits)
+
+
+def flags_of_layer_output(output_layer, logits: Tensor, labels: Tensor, runtime_gather_output,
+                          loss_mask: Tensor | None) -> Tensor:
+    """``target_is_argmax`` of the logits ``output_layer`` returned (``[s, b, V / tp]``): over its
+    TP group, unless the call gathered the vocabulary (``runtime_gather_output``, when given,
+    overrides the layer's own ``gather_output``, as in the layer)."""
+    gathered = getattr(output_layer, "gather_output", False) if runtime_gather_output is None else runtime_gather_output
+    return target_is_argmax(logits, labels, getattr(output_layer, "tp_group", None),
+                            vocab_is_sharded=not bool(gathered), loss_mask=loss_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,11 +146,8 @@ def correct_tokens_from_output_layer(model, context: CorrectTokens):
 
     def record_flags(module, args, kwargs, output):
         logits = output[0] if isinstance(output, tuple) else output
-        gathered = kwargs.get("runtime_gather_output")
-        if gathered is None:
-            gathered = getattr(module, "gather_output", False)
-        context.flags = target_is_argmax(logits, context.labels, getattr(module, "tp_group", None),
-                                         vocab_is_sharded=not gathered, loss_mask=context.loss_mask)
+        context.flags = flags_of_layer_output(module, logits, context.labels, kwargs.get("runtime_gather_output"),
+                                              context.loss_mask)
 
     handle = layer.register_forward_hook(record_flags, with_kwargs=True)
     try:

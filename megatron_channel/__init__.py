@@ -19,10 +19,11 @@ from .channel_logging.install import install_channel_logging, uninstall_channel_
 from .channel_logging.metric_capture import ChannelMetricsError, reduce_channel_metrics
 from .channel_logging.wrappers import ChannelLoggingWarning
 from .config import ChannelConfig
+from .data.channel_ids import UntrackedChannelError
 from .data.sft import sft_dataset_class
 from .data.tagged import ChannelTaggedDataset, tag_datasets
 from .megatron_internals.releases import MegatronInternalsError, UntestedMegatronWarning
-from .settings import ChannelSettings, UntrackedChannelError, add_channel_args, channel_settings_from_args
+from .settings import ChannelSettings, add_channel_args, channel_settings_from_args
 from .step.checks import ChannelBatchError
 from .step.forward_step import make_forward_step
 from .step.layout import BatchLayout

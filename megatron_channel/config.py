@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 from .names import LM_LOSS_KEY, TOKEN_ACC_KEY, TOKENS_PREFIX
 
@@ -69,6 +70,9 @@ class ChannelConfig:
         loss_name: template of the loss keys, e.g. ``"{channel}_loss"``; default
             ``prefix + "{channel}"``.
         accuracy_name: template of the accuracy keys (default ``"token_acc_{channel}"``).
+        labels: how error messages name each field above, e.g. ``{"prefix":
+            "--channel-loss-prefix (YAML: channel_loss_prefix)"}``; a field not in it (or all,
+            when None) is named as itself. ``ChannelSettings`` passes its flags here, so a bad flag is named as given.
     """
 
     channels: tuple[str, ...]
@@ -76,42 +80,49 @@ class ChannelConfig:
     token_accuracy: bool = False
     loss_name: str | None = None
     accuracy_name: str = DEFAULT_ACCURACY_NAME
+    labels: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
     _ids: dict[str, int] = field(init=False, repr=False, compare=False)
     _keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _accuracy_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _patterns: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if isinstance(self.channels, str):
+        def label(name: str) -> str:
+            return (self.labels or {}).get(name, name)
+
+        if isinstance(self.channels, str) or not isinstance(self.channels, Iterable):
             raise ValueError(
-                f"channels must be a list of names, not the string {self.channels!r}; "
-                f"write channels=[{self.channels!r}]"
+                f"{label('channels')} = {self.channels!r}; give a list of names, e.g. ['math', 'code']"
             )
         names = tuple(self.channels)
         if not names:
-            raise ValueError("channels is empty: give at least one channel name")
-        check_prefix(self.prefix)
+            raise ValueError(f"{label('channels')} is empty: give at least one channel name")
+        check_prefix(self.prefix, label("prefix"))
         if self.loss_name is not None and self.prefix != DEFAULT_PREFIX:
             raise ValueError(
-                f"prefix={self.prefix!r} and loss_name={self.loss_name!r} both name the loss keys; give one "
-                f"(loss_name={self.prefix + '{channel}'!r} is that prefix)"
+                f"{label('prefix')} = {self.prefix!r} and {label('loss_name')} = {self.loss_name!r} both name "
+                f"the loss keys; give one ({label('loss_name')} = {self.prefix + '{channel}'!r} is that prefix)"
             )
+        if not isinstance(self.token_accuracy, bool):
+            raise ValueError(f"{label('token_accuracy')} = {self.token_accuracy!r}; give true or false")
         loss_name = self.prefix + "{channel}" if self.loss_name is None else self.loss_name
-        templates = {"loss_name": check_name_template(loss_name, "loss_name")}
+        templates = {"loss_name": check_name_template(
+            loss_name, label("prefix" if self.loss_name is None else "loss_name"))}
         if self.token_accuracy:
-            templates["accuracy_name"] = check_name_template(self.accuracy_name, "accuracy_name")
+            templates["accuracy_name"] = check_name_template(self.accuracy_name, label("accuracy_name"))
         seen: dict[str, int] = {}
         for i, name in enumerate(names):
+            entry = f"{label('channels')}[{i}] = {name!r}"
             if not isinstance(name, str) or not name:
-                raise ValueError(f"channels[{i}] = {name!r}: a channel name must be a non-empty string")
+                raise ValueError(f"{entry}: a channel name must be a non-empty string")
             if _BAD_KEY_CHARS.search(name):
                 raise ValueError(
-                    f"channels[{i}] = {name!r}: metric key {loss_name.format(channel=name)!r} contains "
+                    f"{entry}: metric key {loss_name.format(channel=name)!r} contains "
                     "whitespace or '/'; use letters, digits, '_', '-' or '.'"
                 )
             if name in seen:
                 raise ValueError(
-                    f"channels[{i}] = {name!r} duplicates channels[{seen[name]}]; names must be unique"
+                    f"{label('channels')} names {name!r} twice (entries {seen[name]} and {i}); give each channel once"
                 )
             seen[name] = i
         object.__setattr__(self, "channels", names)
@@ -125,8 +136,8 @@ class ChannelConfig:
                            *((k, f"the accuracy of {n!r}") for k, n in zip(accuracy_keys, names))]:
             if key in owners:
                 raise ValueError(
-                    f"metric key {key!r} names both {owners[key]} and {owner}; choose loss_name / accuracy_name "
-                    "templates (--channel-loss-name / --channel-accuracy-name) that tell them apart"
+                    f"metric key {key!r} names both {owners[key]} and {owner}; choose {label('loss_name')} / "
+                    f"{label('accuracy_name')} templates that tell them apart"
                 )
             owners[key] = owner
         object.__setattr__(self, "_keys", keys)

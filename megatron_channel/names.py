@@ -38,3 +38,8 @@ def share_name(channel: str) -> str:
 def validation_name(name: str, set_suffix: str = "") -> str:
     """``loss_math`` -> ``loss_math validation`` (``set_suffix`` e.g. ``-chat`` for one of several sets)."""
     return f"{name}{VALIDATION}{set_suffix}"
+
+
+def flag_of(key: str) -> str:
+    """``'channel_field'`` -> ``"--channel-field (YAML: channel_field)"``: a setting as errors name it."""
+    return f"--{key.replace('_', '-')} (YAML: {key})"

@@ -26,7 +26,7 @@ rule between sources hides typos):
 ``--channels-from-blend`` takes the blend of ``--data-path`` / ``--data-args-path``, or
 else the training blend of ``--train-data-path`` / ``--per-split-data-args-path``, split
 by Megatron's ``get_blend_and_blend_per_split``. Without NAMEs a component is named after
-its path (``blend_component_name``); with NAMEs, NAME i belongs to component i. With
+its path (``data.channel_ids.blend_component_name``); with NAMEs, NAME i belongs to component i. With
 ``--channels`` too, every blend name must be one of the channels (several components may
 share one); without it the channels are the distinct blend names in order. Blends of
 other splits map through ``ChannelSettings.blend_channel_ids`` by the same rules.
@@ -39,17 +39,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import posixpath
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from .config import DEFAULT_ACCURACY_NAME, DEFAULT_PREFIX, ChannelConfig, check_name_template, check_prefix
+from .config import DEFAULT_ACCURACY_NAME, DEFAULT_PREFIX, ChannelConfig
+from .data.channel_ids import (
+    OTHER_CHANNEL,
+    UNTRACKED_POLICIES,
+    FromBlend,
+    UntrackedChannelError,  # noqa: F401  (importable from here as before)
+    blend_channel_ids,
+    blend_component_name,
+    blend_name_channel_id,
+    check_untracked_policy,
+    sample_channel_id,
+)
+from .names import flag_of
 from .step.layout import DEFAULT_MAX_SEQUENCES_PER_ROW, MAX_SEQUENCES_FLAG, check_packed_args
-
-UNTRACKED_POLICIES = ("error", "other", "ignore")
-OTHER_CHANNEL = "other"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,49 +126,20 @@ def flags_table_row(setting: Setting) -> str:
 
 SETTING_KEYS = tuple(setting.key for setting in SETTINGS)
 DEFAULTS = {setting.key: setting.default for setting in SETTINGS if setting.default is not None}
+# The ChannelConfig field each setting fills, so that its errors name the flag.
+CONFIG_FIELD_KEYS = {"channels": "channels", "prefix": "channel_loss_prefix", "loss_name": "channel_loss_name",
+                     "token_accuracy": "channel_token_accuracy", "accuracy_name": "channel_accuracy_name"}
 CONFIG_FILE_KEY = "channel_config"
 YAML_SECTION = "channel_loss"
 COMMAND_LINE = "command line"
-# Suffixes of whole-file datasets (jsonl for SFT, Megatron's .bin/.idx pair). Only these are
-# stripped: an indexed-dataset prefix such as "web.v2_text_document" keeps its dots.
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".bin", ".idx")
-
 # Megatron's own arguments whose names hold "channel"; every other such YAML key is a typo of ours.
 MEGATRON_CHANNEL_KEYS = ("kv_channels", "num_channels")
-
-FromBlend = None | Literal[True] | tuple[str, ...]
-
-
-class UntrackedChannelError(ValueError):
-    """A sample without a channel, or with an unknown one, under ``--untracked-channels error``."""
-
-
-def flag_of(key: str) -> str:
-    """``'channel_field'`` -> ``"--channel-field (YAML: channel_field)"``, for error messages."""
-    return f"--{key.replace('_', '-')} (YAML: {key})"
-
-
-def blend_component_name(path: str) -> str:
-    """Channel name of a blend component: its basename, without a data-file suffix.
-
-    ``/data/math_text_document`` -> ``math_text_document``; ``/d/chat.jsonl`` -> ``chat``.
-    """
-    base = posixpath.basename(str(path).rstrip("/"))
-    for suffix in DATA_FILE_SUFFIXES:
-        if base.endswith(suffix) and len(base) > len(suffix):
-            base = base[: -len(suffix)]
-            break
-    if not base:
-        raise ValueError(
-            f"blend component {path!r} has no file name to name its channel after; "
-            f"give names with {flag_of('channels_from_blend')}"
-        )
-    return base
 
 
 @dataclasses.dataclass(frozen=True)
 class ChannelSettings:
-    """Resolved channel settings.
+    """Resolved channel settings: a ``ChannelConfig`` (what is logged, under which names; it
+    checks those fields and names the flags in its errors) and where samples get their channel.
 
     Attributes:
         names: the user's channel names, ids 0..len-1 (``other`` is not among them).
@@ -172,6 +151,9 @@ class ChannelSettings:
         from_blend: ``None`` (channels come from ``field``), ``True`` (one channel per blend
             component, named after its path) or the component names in blend order.
         untracked: ``error``, ``other`` (an extra last channel ``other``) or ``ignore`` (id -1).
+        sources: where each setting was given, by YAML key (e.g. ``{"channels": "channels: in
+            --channel-config c.yaml"}``), for error messages; a key not in it is named by its
+            flag and YAML key.
     """
 
     names: tuple[str, ...]
@@ -182,44 +164,35 @@ class ChannelSettings:
     field: str = DEFAULTS["channel_field"]
     from_blend: FromBlend = None
     untracked: str = DEFAULTS["untracked_channels"]
+    sources: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     _config: ChannelConfig = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        names = _check_names(self.names, flag_of("channels"))
-        object.__setattr__(self, "names", names)
-        check_untracked_policy(self.untracked, flag_of("untracked_channels"))
+        check_untracked_policy(self.untracked, self._source("untracked_channels"))
         if not isinstance(self.field, str) or not self.field:
-            raise ValueError(f"{flag_of('channel_field')} = {self.field!r}; give a non-empty field name")
-        check_prefix(self.prefix, flag_of("channel_loss_prefix"))
-        if self.loss_name is not None:
-            if self.prefix != DEFAULT_PREFIX:
+            raise ValueError(f"{self._source('channel_field')} = {self.field!r}; give a non-empty field name")
+        extra = ()
+        if self.untracked == "other":
+            if isinstance(self.names, (list, tuple)) and OTHER_CHANNEL in self.names:
                 raise ValueError(
-                    f"{flag_of('channel_loss_prefix')} and {flag_of('channel_loss_name')} both name the loss keys; "
-                    f"give one (--channel-loss-name '{self.prefix}{{channel}}' is that prefix)"
+                    f"channel {OTHER_CHANNEL!r} in {flag_of('channels')} clashes with the channel that "
+                    f"{flag_of('untracked_channels')} other adds; rename it, or use untracked 'error' or 'ignore'"
                 )
-            check_name_template(self.loss_name, flag_of("channel_loss_name"))
-        if not isinstance(self.token_accuracy, bool):
-            raise ValueError(f"{flag_of('channel_token_accuracy')} = {self.token_accuracy!r}; give true or false")
-        if self.token_accuracy:
-            check_name_template(self.accuracy_name, flag_of("channel_accuracy_name"))
-        if self.from_blend is not None and self.from_blend is not True:
-            object.__setattr__(self, "from_blend", _check_names(self.from_blend, flag_of("channels_from_blend"),
-                                                                unique=False))
-        if self.untracked == "other" and OTHER_CHANNEL in names:
-            raise ValueError(
-                f"channel {OTHER_CHANNEL!r} in {flag_of('channels')} clashes with the channel that "
-                f"{flag_of('untracked_channels')} other adds; rename it, or use untracked 'error' or 'ignore'"
-            )
-        extra = (OTHER_CHANNEL,) if self.untracked == "other" else ()
-        try:
-            config = ChannelConfig(names + extra, prefix=self.prefix, token_accuracy=self.token_accuracy,
-                                   loss_name=self.loss_name, accuracy_name=self.accuracy_name)
-        except ValueError as e:  # names that clash: say which flags make them
-            raise ValueError(f"{e} ({flag_of('channel_loss_name')}, {flag_of('channel_accuracy_name')})") from e
+            extra = (OTHER_CHANNEL,)
+        names = (*self.names, *extra) if isinstance(self.names, (list, tuple)) else self.names
+        config = ChannelConfig(names, prefix=self.prefix, token_accuracy=self.token_accuracy,
+                               loss_name=self.loss_name, accuracy_name=self.accuracy_name,
+                               labels={field: self._source(key) for field, key in CONFIG_FIELD_KEYS.items()})
+        object.__setattr__(self, "names", config.channels[:len(config.channels) - len(extra)])
         object.__setattr__(self, "_config", config)
-        if isinstance(self.from_blend, tuple):
-            for name in self.from_blend:
-                self._blend_channel_id(name, f"blend name {name!r}")
+        if self.from_blend is not None and self.from_blend is not True:
+            from_blend = _check_names(self.from_blend, self._source("channels_from_blend"), unique=False)
+            object.__setattr__(self, "from_blend", from_blend)
+            for name in from_blend:
+                blend_name_channel_id(config, name, f"blend name {name!r}")
+
+    def _source(self, key: str) -> str:
+        return self.sources.get(key, flag_of(key))
 
     def channel_config(self) -> ChannelConfig:
         """The ``ChannelConfig``: ``names``, then ``other`` when ``untracked == 'other'``."""
@@ -232,24 +205,7 @@ class ChannelSettings:
         ``UntrackedChannelError``, ``other`` returns the id of ``other``, ``ignore`` returns -1.
         ``where`` (e.g. ``"/d/chat.jsonl line 7"``) is put in front of error messages.
         """
-        at = f"{where}: " if where else ""
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"{at}sample field {self.field!r} = {name!r}; a channel name must be a string")
-        if name and name in self._config.channels:
-            return self._config.channel_id(name)
-        if self.untracked == "other":
-            return self._config.channel_id(OTHER_CHANNEL)
-        if self.untracked == "ignore":
-            return -1
-        if name:
-            problem, fix = f"has unknown channel {name!r}", f"add it to {flag_of('channels')}"
-        else:
-            problem, fix = f"has no channel (field {self.field!r} missing or empty)", "give it one"
-        raise UntrackedChannelError(
-            f"{at}sample {problem}; known channels: {list(self._config.channels)}. Either {fix}, or set "
-            f"{flag_of('untracked_channels')} to 'other' (count it as channel {OTHER_CHANNEL!r}) or "
-            "'ignore' (count it in lm loss only)"
-        )
+        return sample_channel_id(self._config, name, untracked=self.untracked, field=self.field, where=where)
 
     def blend_channel_ids(self, component_paths: list[str]) -> list[int]:
         """Channel id of every blend component, in blend order (``[len(component_paths)]``).
@@ -257,37 +213,7 @@ class ChannelSettings:
         Component i is named ``from_blend[i]`` when names were given, else after its path;
         the name must be a channel (``other`` included when that policy is on).
         """
-        paths = [str(p) for p in component_paths]
-        if self.from_blend is None:
-            raise ValueError(
-                f"{flag_of('channels_from_blend')} is not set, so blend components have no channels; "
-                f"samples carry their channel in field {self.field!r}"
-            )
-        if self.from_blend is True:
-            names = [blend_component_name(p) for p in paths]
-        elif len(self.from_blend) != len(paths):
-            raise ValueError(
-                f"{flag_of('channels_from_blend')} names {len(self.from_blend)} components "
-                f"{list(self.from_blend)}, but the blend has {len(paths)}: {paths}; give one name per component"
-            )
-        else:
-            names = list(self.from_blend)
-        return [self._blend_channel_id(n, f"blend component {i} ({p!r}) is named {n!r}")
-                for i, (n, p) in enumerate(zip(names, paths))]
-
-    def _blend_channel_id(self, name: str, what: str) -> int:
-        if name not in self._config.channels:
-            raise ValueError(
-                f"{what}, which is not in {flag_of('channels')} {list(self._config.channels)}; add it "
-                f"there, or name the blend components with {flag_of('channels_from_blend')} NAME ..."
-            )
-        return self._config.channel_id(name)
-
-
-def check_untracked_policy(policy: Any, source: str) -> None:
-    """``ValueError`` naming ``source`` unless ``policy`` is one of ``UNTRACKED_POLICIES``."""
-    if policy not in UNTRACKED_POLICIES:
-        raise ValueError(f"{source} = {policy!r}; choose one of {list(UNTRACKED_POLICIES)}")
+        return blend_channel_ids(self._config, self.from_blend, component_paths, field=self.field)
 
 
 def _check_names(names: Any, source: str, *, unique: bool = True) -> tuple[str, ...]:
@@ -329,13 +255,10 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
     """
     check_packed_args(args)
     raw, labels = _merge_sources(_sources(args))
-    channels = raw.get("channels")
-    if channels is not None:
-        channels = _check_names(channels, labels["channels"])
+    channels = raw.get("channels")  # checked by ChannelConfig, through ChannelSettings
     from_blend = _from_blend(raw.get("channels_from_blend"), labels.get("channels_from_blend"))
     untracked = raw.get("untracked_channels", DEFAULTS["untracked_channels"])
-    if "untracked_channels" in labels:  # named where it was given, before anything reads it
-        check_untracked_policy(untracked, labels["untracked_channels"])
+    check_untracked_policy(untracked, labels.get("untracked_channels", flag_of("untracked_channels")))
     blend = _training_blend(args) if from_blend is not None else None
     if from_blend is not None and blend is None:
         raise ValueError(
@@ -360,6 +283,7 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
         field=raw.get("channel_field", DEFAULTS["channel_field"]),
         from_blend=from_blend,
         untracked=untracked,
+        sources=labels,
     )
     if blend is not None:
         settings.blend_channel_ids(blend)

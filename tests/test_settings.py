@@ -10,14 +10,14 @@ from megatron.core.datasets.utils import get_blend_from_list
 from megatron.training.arguments import add_megatron_arguments
 from megatron.training.yaml_arguments import load_yaml, validate_yaml
 
-from megatron_channel.settings import (
-    ChannelSettings,
-    UntrackedChannelError,
-    add_channel_args,
-    blend_component_name,
-    channel_settings_from_args,
-)
 from megatron_channel.config import ChannelConfig
+from megatron_channel.data.channel_ids import (
+    UntrackedChannelError,
+    blend_channel_ids,
+    blend_component_name,
+    sample_channel_id,
+)
+from megatron_channel.settings import ChannelSettings, add_channel_args, channel_settings_from_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,7 +96,7 @@ def test_token_accuracy_and_name_template_flags(parser, tmp_path):
     [
         (["--channel-loss-prefix", "ch_", "--channel-loss-name", "{channel}_loss"],
          r"--channel-loss-prefix .* and --channel-loss-name .* both name the loss keys"),
-        (["--channel-loss-name", "loss"], r"--channel-loss-name \(YAML: channel_loss_name\) = 'loss' must hold"),
+        (["--channel-loss-name", "loss"], r"^--channel-loss-name = 'loss' must hold"),
         (["--channel-token-accuracy", "--channel-accuracy-name", "loss_{channel}"],
          r"'loss_math' names both the loss of 'math' and the accuracy of 'math'.*--channel-accuracy-name"),
         (["--channel-token-accuracy", "--channel-accuracy-name", "acc/{channel}"],
@@ -111,7 +111,7 @@ def test_names_are_checked_at_start_up(parser, argv, match):
 @pytest.mark.timeout(30)
 def test_token_accuracy_yaml_value_must_be_a_bool(parser, tmp_path):
     path = write_yaml(tmp_path, {"channels": ["math"], "channel_token_accuracy": "yes"})
-    with pytest.raises(ValueError, match=r"--channel-token-accuracy .* = 'yes'; give true or false"):
+    with pytest.raises(ValueError, match=r"channel_token_accuracy: in --channel-config .*channels.yaml = 'yes'; give true or false"):
         settings_of(parser, "--channel-config", path)
 
 
@@ -239,6 +239,17 @@ def test_untracked_other_appends_other_last():
 
 
 @pytest.mark.timeout(30)
+def test_channel_ids_need_only_a_channel_config():
+    config = ChannelConfig(["math", "code"])
+    assert sample_channel_id(config, "code", untracked="error", field="source") == 1
+    assert sample_channel_id(config, "web", untracked="ignore", field="source") == -1
+    with pytest.raises(UntrackedChannelError, match=r"no channel \(field 'source' missing or empty\)"):
+        sample_channel_id(config, None, untracked="error", field="source")
+    assert blend_channel_ids(config, True, ["/x/code.jsonl", "/x/math"], field="source") == [1, 0]
+    assert blend_channel_ids(config, ("math", "math"), ["/x/a", "/x/b"], field="source") == [0, 0]
+
+
+@pytest.mark.timeout(30)
 def test_untracked_ignore_maps_to_minus_one():
     s = ChannelSettings(names=("math", "code"), untracked="ignore")
     assert s.channel_config().channels == ("math", "code")
@@ -278,7 +289,7 @@ def test_settings_dataclass_checks():
     (["--channels", "math", "chat room"], r"whitespace or '/'"),
     (["--channels", "math", "other", "--untracked-channels", "other"], r"'other' .*clashes"),
     (["--data-path", "/x/other", "--channels-from-blend", "--untracked-channels", "other"], r"'other' .*clashes"),
-    (["--channels", "math", "--channel-loss-prefix", ""], r"--channel-loss-prefix \(YAML: channel_loss_prefix\) = ''"),
+    (["--channels", "math", "--channel-loss-prefix", ""], r"^--channel-loss-prefix = ''"),
     (["--channels", "math", "--channel-loss-prefix", "tokens_"], r"--channel-loss-prefix .*clash with the token logs"),
     (["--channels", "math", "--channel-loss-prefix", "loss/"], r"--channel-loss-prefix .*'loss/' contains whitespace"),
 ])
@@ -319,7 +330,7 @@ def test_channel_config_file_combines_with_other_flags(parser, tmp_path):
     ("channels: [math\n", [], r"is not valid YAML"),
     ({"channels": "math"}, [], r"channels: in --channel-config .* = 'math'; give a list"),
     ({"channels": ["math", "math"]}, [], r"channels: in --channel-config .* names 'math' twice"),
-    ({"channels": ["math", True]}, [], r"channels: in .*\[1\] = True; names must be non-empty strings"),
+    ({"channels": ["math", True]}, [], r"channels: in .*\[1\] = True: a channel name must be a non-empty string"),
     ({"channels_from_blend": []}, BLEND, r"channels_from_blend: in .* empty list; write true"),
     ({"channels": ["math"]}, ["--channels", "code"],
      r"channels is given twice, as --channels and as channels: in --channel-config .*; "

@@ -126,11 +126,11 @@ def main() -> None:
             raise SystemExit(f"the stock forward step reads the batch on every rank: drop {flag}")
     settings = channel_settings_from_args(args)  # the datasets tag samples with channels; unused here
     tokens_per_sample = None if args.stock_without_tokens_per_sample else args.seq_length
-    pretrain(
+    pretrain(  # the config container positionally, as megatron_internals.launch.run_pretrain passes it
         pretrain_cfg_container_from_args(args, gpt_config_from_args(args)),
-        datasets_provider(settings),
-        ModelType.encoder_or_decoder,
-        make_stock_forward_step(args.seq_length, tokens_per_sample),
+        train_valid_test_dataset_provider=datasets_provider(settings),
+        model_type=ModelType.encoder_or_decoder,
+        forward_step_func=make_stock_forward_step(args.seq_length, tokens_per_sample),
     )
     finish_run()
 

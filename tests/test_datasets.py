@@ -73,7 +73,8 @@ def gpt_config(tmp_path, tokenizer, **kwargs) -> GPTDatasetConfig:
 
 
 def build(config, sizes):
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return BlendedMegatronDatasetBuilder(cls=GPTDataset, sizes=sizes, is_built_on_rank=lambda: True,
+                                         config=config).build()
 
 
 def component_from_tokens(sample: dict) -> int:
@@ -199,33 +200,58 @@ def test_packed_gpt_rows_get_one_id_per_sequence(prefixes, tokenizer, tmp_path):
     assert batch["channels"].shape == (4, SEQ) and batch["cu_seqlens"].shape == (4, SEQ + 1)
 
 
-@pytest.mark.timeout(60)
-def test_bad_wiring_is_an_error(prefixes, tokenizer, tmp_path):
-    config = gpt_config(tmp_path, tokenizer, blend=(prefixes, [0.3, 0.3, 0.4]), split="100,0,0")
+@pytest.fixture(scope="module")
+def blend_of_three(megatron_cpu, prefixes, tokenizer, tmp_path_factory):
+    """A train split blended from all three components (only read by the tests that use it)."""
+    config = gpt_config(tmp_path_factory.mktemp("bad_wiring"), tokenizer, blend=(prefixes, [0.3, 0.3, 0.4]),
+                        split="100,0,0")
     train, _, _ = build(config, [30, 0, 0])
-    with pytest.raises(ValueError, match=r"3 blend component\(s\) but 2 component channel id"):
-        ChannelTaggedDataset(train, [0, 1])
-    with pytest.raises(ValueError, match=r"component_channel_ids\[1\] is -3"):
-        ChannelTaggedDataset(train, [0, -3, 1])
-    with pytest.raises(ValueError, match="has no channel.*pass channel_id="):
-        ChannelTaggedDataset(train, [0, None, 1])
-    # None entries take the untracked policy, resolved once at construction.
-    tagged = ChannelTaggedDataset(train, [None, None, None], channel_id=lambda name: 9 if name is None else 0)
-    assert {int(tagged[i]["channels"]) for i in range(len(tagged))} == {9}
+    return train
 
-    single = train.datasets[0]  # a GPTDataset is one component
+
+@pytest.mark.timeout(60)
+def test_component_id_count_must_match_the_blend_components(blend_of_three):
+    with pytest.raises(ValueError, match=r"3 blend component\(s\) but 2 component channel id"):
+        ChannelTaggedDataset(blend_of_three, [0, 1])
+    single = blend_of_three.datasets[0]  # a GPTDataset is one component
     with pytest.raises(ValueError, match=r"1 blend component\(s\) but 2"):
         ChannelTaggedDataset(single, [0, 1])
 
-    # A multi-component source whose sample lacks dataset_id is an error, never channel 0.
+
+@pytest.mark.timeout(60)
+def test_a_negative_component_id_is_an_error(blend_of_three):
+    with pytest.raises(ValueError, match=r"component_channel_ids\[1\] is -3"):
+        ChannelTaggedDataset(blend_of_three, [0, -3, 1])
+
+
+@pytest.mark.timeout(60)
+def test_an_unnamed_component_without_a_channel_id_policy_is_an_error(blend_of_three):
+    with pytest.raises(ValueError, match="has no channel.*pass channel_id="):
+        ChannelTaggedDataset(blend_of_three, [0, None, 1])
+
+
+@pytest.mark.timeout(60)
+def test_unnamed_components_take_the_untracked_policy(blend_of_three):
+    """None entries take the untracked policy, resolved once at construction."""
+    tagged = ChannelTaggedDataset(blend_of_three, [None, None, None], channel_id=lambda name: 9 if name is None else 0)
+    assert {int(tagged[i]["channels"]) for i in range(len(tagged))} == {9}
+
+
+@pytest.mark.timeout(60)
+def test_a_multi_component_sample_without_a_valid_dataset_id_is_an_error(blend_of_three):
+    """A sample lacking dataset_id, or with one past the ids, is an error, never channel 0."""
+    single = blend_of_three.datasets[0]
     untagged = [dict(single[0]), dict(single[1])]
     with pytest.raises(ValueError, match="sample 1 has no 'dataset_id' but 2 component channel ids"):
         ChannelTaggedDataset(untagged, [0, 1])[1]
     with pytest.raises(ValueError, match="dataset_id 2 but only 2"):
         ChannelTaggedDataset([{**single[0], "dataset_id": numpy.int16(2)}], [0, 1])[0]
 
+
+@pytest.mark.timeout(60)
+def test_a_split_with_a_dataset_but_no_component_ids_is_an_error(blend_of_three):
     with pytest.raises(ValueError, match="valid split has a dataset but no component channel ids"):
-        tag_datasets([train, train, None], [[0, 1, 2], None, None])
+        tag_datasets([blend_of_three, blend_of_three, None], [[0, 1, 2], None, None])
 
 
 @pytest.mark.timeout(30)

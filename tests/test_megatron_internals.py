@@ -78,17 +78,31 @@ def test_the_checks_name_what_changed():
             check_megatron_internals(module, version=(0, 20, 0))
 
 
+def patchable_owner() -> types.SimpleNamespace:
+    """A module-like object with a function ``f`` and a plain value, for ``apply_patch``."""
+    return types.SimpleNamespace(__name__="lib", f=lambda x: x + 1, value=3)
+
+
 @pytest.mark.timeout(30)
-def test_apply_patch_checks_marks_logs_and_undoes(caplog):
-    owner = types.SimpleNamespace(__name__="lib", f=lambda x: x + 1, value=3)
+def test_apply_patch_wraps_marks_registers_and_logs(caplog):
+    owner = patchable_owner()
     original = owner.f
     with caplog.at_level(logging.INFO, logger="megatron_channel"):
         patch = apply_patch(owner, {"f": lambda x: original(x) * 10}, reason="a test")
-    assert owner.f(1) == 20 and owner.f.__wrapped__ is original and original_of(owner.f) is original
-    assert patch in applied_patches()
-    assert [r.getMessage() for r in caplog.records] == ["megatron_channel: patched lib.f (a test)"]
+    try:
+        assert owner.f(1) == 20 and owner.f.__wrapped__ is original and original_of(owner.f) is original
+        assert patch in applied_patches()
+        assert [r.getMessage() for r in caplog.records] == ["megatron_channel: patched lib.f (a test)"]
+    finally:
+        patch.undo()
 
-    # A second patch over the first: original_of goes through both, back to the library's own.
+
+@pytest.mark.timeout(30)
+def test_stacked_patches_undo_only_in_reverse_order_and_log_the_restore(caplog):
+    """A second patch over the first: original_of goes through both, back to the library's own."""
+    owner = patchable_owner()
+    original = owner.f
+    patch = apply_patch(owner, {"f": lambda x: original(x) * 10}, reason="a test")
     second = apply_patch(owner, {"f": lambda x: 0}, reason="another")
     assert original_of(owner.f) is original
     with pytest.raises(RuntimeError, match=r"lib\.\['f'\] were replaced again.*a test"):
@@ -99,11 +113,20 @@ def test_apply_patch_checks_marks_logs_and_undoes(caplog):
     assert owner.f is original and patch not in applied_patches()
     assert caplog.records[-1].getMessage() == "megatron_channel: restored lib.f (a test)"
 
-    # The target is checked before anything changes.
+
+@pytest.mark.timeout(30)
+def test_apply_patch_checks_the_target_before_anything_changes():
+    owner = patchable_owner()
+    original = owner.f
     with pytest.raises(MegatronInternalsError, match=r"cannot patch lib: g is missing, value is not callable"):
         apply_patch(owner, {"f": lambda x: x, "g": lambda: 0, "value": lambda: 0}, reason="bad")
     assert owner.f is original and not hasattr(owner, "g")
-    # Plain values and new attributes (wrap=False): undo deletes what did not exist.
+
+
+@pytest.mark.timeout(30)
+def test_unwrapped_patch_sets_values_and_undo_deletes_what_did_not_exist():
+    """Plain values and new attributes (wrap=False)."""
+    owner = patchable_owner()
     plain = apply_patch(owner, {"value": 4, "added": 1}, reason="values", wrap=False)
     assert (owner.value, owner.added) == (4, 1)
     plain.undo()

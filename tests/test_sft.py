@@ -149,7 +149,8 @@ def sft_config(pack_length: int, cp: int = 1, tokenizer=None, **kwargs) -> GPTDa
 def build_direct(cls, low_level, path, config):
     """A dataset over every line of ``low_level``, as the builder makes one split."""
     indices = np.arange(len(low_level), dtype=np.int32)
-    return cls(low_level, path, indices, len(low_level), Split.train, config)
+    return cls(dataset=low_level, dataset_path=path, indices=indices, num_samples=len(low_level),
+               index_split=Split.train, config=config)
 
 
 # --------------------------------------------------------------------------- reference
@@ -406,7 +407,8 @@ def test_blend_of_jsonl_files_train_and_valid(sft_blend):
     component_ids = {paths[0]: 1, paths[1]: 2}
     config = sft_config(pack_length, cp, blend=(paths, [0.5, 0.5]), split="75,25,0", path_to_cache=str(root / "cache"))
     cls = sft_dataset_class(policy_other)
-    datasets = BlendedMegatronDatasetBuilder(cls, [40, 12, 0], lambda: True, config).build()
+    datasets = BlendedMegatronDatasetBuilder(cls=cls, sizes=[40, 12, 0], is_built_on_rank=lambda: True,
+                                             config=config).build()
     ids = [None if p is None else [component_ids[x] for x in p] for p in blend_component_paths(config)]
     train, valid, test = tag_datasets(datasets, ids, channel_id=policy_other)
     assert test is None and train.split == Split.train and valid.split == Split.valid

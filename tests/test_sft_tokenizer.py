@@ -163,8 +163,10 @@ def test_packed_rows_with_the_real_tokenizer(tokenizer_dir, tmp_path, prompt_for
     )
     low_level = SFTJsonlDataset(path)
     indices = np.arange(len(low_level), dtype=np.int32)
-    ours = sft_dataset_class(CHANNELS.__getitem__)(low_level, path, indices, len(low_level), Split.train, config)
-    megatron = SFTDataset(low_level, path, indices, len(low_level), Split.train, config)
+    split = dict(dataset=low_level, dataset_path=path, indices=indices, num_samples=len(low_level),
+                 index_split=Split.train, config=config)  # SFTDataset's parameters, as the builder passes them
+    ours = sft_dataset_class(CHANNELS.__getitem__)(**split)
+    megatron = SFTDataset(**split)
     suffix = "\n<SPECIAL_12>\n" if prompt_format == "nemotron-nano-v2" else "\n"
 
     multi = 0

@@ -36,8 +36,9 @@ def test_interval_means_are_exact_and_token_weighted():
     assert report.window.iterations == 2
 
 
-@pytest.mark.timeout(30)
-def test_cumulative_tokens_shares_and_independent_windows():
+def reports_over_the_table():
+    """The accountant fed every kept iteration of ``ITERATIONS``, the TensorBoard report taken
+    after iteration 2, then the console and the TensorBoard reports at the end, in that order."""
     accountant = ChannelAccountant(CONFIG)
     for it in ITERATIONS:
         if not it["skipped"]:
@@ -46,18 +47,39 @@ def test_cumulative_tokens_shares_and_independent_windows():
             tb_after_two = accountant.tensorboard_report()
     console = accountant.console_report()
     tb = accountant.tensorboard_report()
-    want_all = reference(ITERATIONS)
+    return accountant, tb_after_two, console, tb
+
+
+@pytest.mark.timeout(30)
+def test_console_and_tensorboard_windows_are_independent():
+    _, tb_after_two, console, tb = reports_over_the_table()
     assert tb_after_two.window.iterations == 2 and tb.window.iterations == 1
     assert console.window.iterations == 3  # the console window was not reset by the TB one
     assert tb.window.loss(0) == 3.0 and tb.window.share(0) == 1.0
+
+
+@pytest.mark.timeout(30)
+def test_cumulative_tokens_and_shares_cover_the_whole_run():
+    _, _, console, tb = reports_over_the_table()
+    want_all = reference(ITERATIONS)
     for i, name in enumerate(NAMES):
         assert tb.cumulative.tokens[i] == want_all[name]["tokens"] == console.window.tokens[i]
         assert tb.cumulative.share(i) == pytest.approx(float(want_all[name]["share"]), rel=1e-15)
     assert tb.cumulative.total_tokens == 13.0
+
+
+@pytest.mark.timeout(30)
+def test_tensorboard_scalars_carry_the_cumulative_tokens_and_shares():
+    _, _, _, tb = reports_over_the_table()
     scalars = train_scalars(tb, CONFIG)
     assert scalars["tokens_math cumulative"] == 8.0 and scalars["token share chat cumulative"] == 1 / 13
     assert scalars["loss tokens"] == 2.0 and scalars["loss tokens cumulative"] == 13.0
-    assert accountant.console_report() is None  # an empty window reports nothing
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_console_window_reports_nothing():
+    accountant, _, _, _ = reports_over_the_table()
+    assert accountant.console_report() is None
 
 
 @pytest.mark.timeout(60)

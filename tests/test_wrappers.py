@@ -315,9 +315,10 @@ def evaluate_stand_in(forward_step_func, data_iterator, model, process_non_loss_
     return {k: v[0] / v[1] for k, v in total.items()}, None, False
 
 
-@pytest.mark.timeout(60)
-def test_real_evaluate_and_print_results_shows_exact_validation_losses(megatron_globals, tmp_path, capsys,
-                                                                         monkeypatch):
+def run_evaluate_and_print_results(megatron_globals, tmp_path, capsys, monkeypatch):
+    """Megatron's real ``evaluate_and_print_results`` over the wrapped stand-in evaluate, at
+    iteration 10: the validation console line, the TensorBoard scalars, the jsonl records, and
+    float64 (sum, count) per channel then all tokens over the microbatches, by hand."""
     args, _ = megatron_globals
     args.eval_iters = 2
     jsonl = tmp_path / "eval.jsonl"
@@ -337,7 +338,6 @@ def test_real_evaluate_and_print_results_shows_exact_validation_losses(megatron_
     global_vars.get_tensorboard_writer().flush()
     out = capsys.readouterr().out
     line = next(l for l in out.splitlines() if " loss at iteration 10" in l)
-    assert no_nan(line), line
 
     sums = [[0.0, 0.0] for _ in range(len(NAMES) + 1)]
     for losses, mask, channels in batches:
@@ -346,21 +346,43 @@ def test_real_evaluate_and_print_results_shows_exact_validation_losses(megatron_
             for target in ([c] if c >= 0 else []) + [len(NAMES)]:
                 sums[target][0] += float((losses[row].double() * mask[row].double()).sum())
                 sums[target][1] += float(mask[row].sum())
+    records = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    return line, read_scalars(tmp_path / "tb"), records, sums
+
+
+@pytest.mark.timeout(60)
+def test_real_evaluate_and_print_results_console_line_shows_exact_validation_losses(
+        megatron_globals, tmp_path, capsys, monkeypatch):
+    """An empty channel shows its 0 tokens, not a loss; no NaN."""
+    line, _, _, sums = run_evaluate_and_print_results(megatron_globals, tmp_path, capsys, monkeypatch)
+    assert no_nan(line), line
     math_loss = sums[0][0] / sums[0][1]
     printed = float(line.split("loss_math value: ")[1].split(" |")[0])
     assert printed == pytest.approx(math_loss, rel=1e-6)  # float32 per-microbatch sums, as Megatron's
     assert "loss_code value" not in line and "loss_chat value" not in line
     assert f"tokens_math: {sums[0][1]:.0f} | tokens_code: 0 | tokens_chat: 0 | loss tokens: {sums[3][1]:.0f} | " in line
 
-    scalars = read_scalars(tmp_path / "tb")
+
+@pytest.mark.timeout(60)
+def test_real_evaluate_and_print_results_writes_validation_scalars_to_tensorboard(
+        megatron_globals, tmp_path, capsys, monkeypatch):
+    """``loss_math validation`` written by Megatron's own code, exact; an empty channel has no loss."""
+    _, scalars, _, sums = run_evaluate_and_print_results(megatron_globals, tmp_path, capsys, monkeypatch)
+    math_loss = sums[0][0] / sums[0][1]
     assert scalars["loss_math validation"][10] == pytest.approx(math_loss, rel=1e-6)
     assert "loss_code validation" not in scalars and "loss_chat validation" not in scalars
     assert scalars["tokens_chat validation"] == {10: 0.0}
     assert scalars["token share math validation"][10] == pytest.approx(sums[0][1] / sums[3][1], rel=1e-6)
 
-    (record,) = [json.loads(l) for l in jsonl.read_text().splitlines()]
+
+@pytest.mark.timeout(60)
+def test_real_evaluate_and_print_results_writes_one_validation_jsonl_record(
+        megatron_globals, tmp_path, capsys, monkeypatch):
+    """An empty channel's loss is null."""
+    _, _, records, sums = run_evaluate_and_print_results(megatron_globals, tmp_path, capsys, monkeypatch)
+    (record,) = records
     assert record["kind"] == "validation" and record["split"] == "validation" and record["iteration"] == 10
-    assert record["channels"]["math"]["loss"] == pytest.approx(math_loss, rel=1e-6)
+    assert record["channels"]["math"]["loss"] == pytest.approx(sums[0][0] / sums[0][1], rel=1e-6)
     assert record["channels"]["chat"] == dict(loss=None, tokens=0.0, share=0.0)
 
 
@@ -441,10 +463,10 @@ def test_a_reworded_validation_line_warns_once(reworded):
         assert all(line.endswith(" | tokens_math: 4 | tokens_code: 2 | tokens_chat: 0 | loss tokens: 8 | ") for line in printed), printed
 
 
-@pytest.mark.timeout(60)
-def test_real_training_log_shows_and_writes_token_accuracy(megatron_globals, tmp_path, capsys):
-    """With token accuracy: `token acc` and `token_acc_<name>` in the console line, TensorBoard,
-    W&B and the jsonl, token-weighted over the interval; an empty channel has none."""
+def run_training_log_with_token_accuracy(megatron_globals, tmp_path, capsys):
+    """Megatron's real ``training_log`` with token accuracy installed, over iterations 1 and 2
+    (chat empty in 1, code in 2): the last console line (iterations 1..2), the TensorBoard
+    scalars, what W&B got and the last jsonl record."""
     from megatron_channel import ChannelConfig
 
     args, wandb = megatron_globals
@@ -464,15 +486,38 @@ def test_real_training_log_shows_and_writes_token_accuracy(megatron_globals, tmp
         call_training_log({}, iteration)
     global_vars.get_tensorboard_writer().flush()
     line = [l for l in capsys.readouterr().out.splitlines() if " iteration " in l][-1]  # iterations 1..2
+    last = json.loads(jsonl.read_text().splitlines()[-1])
+    return line, read_scalars(tmp_path / "tb"), wandb.logged, last
+
+
+@pytest.mark.timeout(60)
+def test_real_training_log_console_line_shows_token_accuracy(megatron_globals, tmp_path, capsys):
+    """`token acc` and `token_acc_<name>`, token-weighted over the interval, after lm loss's fields."""
+    line, _, _, _ = run_training_log_with_token_accuracy(megatron_globals, tmp_path, capsys)
     # math: (3 + 1) / (4 + 2); code: 1 / 2; chat: 1 / 1; all: 6 / 11.
     assert " token acc: 0.5455 |" in line and " token_acc_math: 0.6667 |" in line
     assert " token_acc_code: 0.5000 |" in line and " token_acc_chat: 1.0000 |" in line
     assert line.index(" token acc:") < line.index(" loss_math:") < line.index("token_acc_math") < line.index(" loss scale:")
-    scalars = read_scalars(tmp_path / "tb")
+
+
+@pytest.mark.timeout(60)
+def test_real_training_log_writes_token_accuracy_to_tensorboard(megatron_globals, tmp_path, capsys):
+    """A point per iteration; none where a channel had no tokens."""
+    _, scalars, _, _ = run_training_log_with_token_accuracy(megatron_globals, tmp_path, capsys)
     assert scalars["token_acc_math"] == pytest.approx({1: 0.75, 2: 0.5})
     assert scalars["token_acc_chat"] == pytest.approx({2: 1.0})  # no point where chat had no tokens
     assert scalars["token acc"] == pytest.approx({1: 0.5, 2: 2 / 3})
-    logged = {name: {step: v[name] for v, step in wandb.logged if name in v} for name in ("token_acc_math", "token acc")}
-    assert logged == {"token_acc_math": {1: 0.75, 2: 0.5}, "token acc": {1: 0.5, 2: 2 / 3}}
-    last = json.loads(jsonl.read_text().splitlines()[-1])
+
+
+@pytest.mark.timeout(60)
+def test_real_training_log_gives_wandb_the_token_accuracy(megatron_globals, tmp_path, capsys):
+    _, _, logged, _ = run_training_log_with_token_accuracy(megatron_globals, tmp_path, capsys)
+    ours = {name: {step: v[name] for v, step in logged if name in v} for name in ("token_acc_math", "token acc")}
+    assert ours == {"token_acc_math": {1: 0.75, 2: 0.5}, "token acc": {1: 0.5, 2: 2 / 3}}
+
+
+@pytest.mark.timeout(60)
+def test_real_training_log_writes_token_accuracy_to_the_jsonl(megatron_globals, tmp_path, capsys):
+    """Token-weighted over the interval (iterations 1..2)."""
+    _, _, _, last = run_training_log_with_token_accuracy(megatron_globals, tmp_path, capsys)
     assert last["token_acc"] == pytest.approx(6 / 11) and last["channels"]["math"]["accuracy"] == pytest.approx(4 / 6)

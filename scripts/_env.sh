@@ -72,3 +72,45 @@ PY
     fi
     echo "$dir/bin/python"
 }
+
+# bridge_env: a virtual environment for Megatron-Bridge, layered on the main one like
+# megatron_release_env, for the Bridge tests and demo on a machine without a GPU. Made once;
+# prints its python. On a GPU machine install Bridge the usual way instead (README, docs/bridge.md):
+# the two workarounds below are for this CPU environment only.
+#  * Bridge's declared dependencies do not install without CUDA (fast-hadamard-transform builds
+#    CUDA code; nvidia-resiliency-ext 0.6.0, pinned by megatron-core[dev], has only a glibc 2.39
+#    wheel), so Bridge goes in with --no-deps plus the modules its training code imports.
+#  * nvidia-resiliency-ext 0.6.0 is pure Python where Bridge and megatron-core use it (its one
+#    compiled module is the straggler detector's), so its wheel is unpacked as it is.
+# Bridge also imports transformer_engine unconditionally: megatron_channel.cpu.bridge_on_cpu
+# stands in for it at run time.
+BRIDGE_VERSION="0.6.2"
+BRIDGE_REQUIREMENTS=(
+    "transformers>=5.8,<=5.12.1" "kernels>=0.12,<0.13" omegaconf "hydra-core>=1.3.4,<1.4" einops datasets peft
+    accelerate sentencepiece tiktoken megatron-energon "nvidia-modelopt[torch]"
+    grpcio-tools httpx nvidia-ml-py defusedxml   # what nvidia-resiliency-ext imports
+)
+bridge_env() {
+    local dir="$ROOT/.venv-bridge"
+    if [ ! -f "$dir/.installed" ]; then
+        rm -rf "$dir"
+        echo "making $dir: megatron-bridge==$BRIDGE_VERSION over $VENV (log: $VENV/install-bridge.log)" >&2
+        local log="$VENV/install-bridge.log" site
+        if ! {
+            python -m venv "$dir" &&
+            site="$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" &&
+            echo "import site; site.addsitedir($(python -c 'import sysconfig; print(repr(sysconfig.get_paths()["purelib"]))'))" \
+                >"$site/_main_environment.pth" &&
+            "$dir/bin/python" -m pip install --no-deps "megatron-bridge==$BRIDGE_VERSION" &&
+            "$dir/bin/python" -m pip install "${BRIDGE_REQUIREMENTS[@]}" &&
+            "$dir/bin/python" -m pip install --no-deps --target "$site" --platform manylinux_2_39_x86_64 \
+                --only-binary :all: "nvidia-resiliency-ext==0.6.0"
+        } >"$log" 2>&1; then
+            tail -n 20 "$log" >&2
+            echo "error: could not make the Megatron-Bridge environment; see $log" >&2
+            return 1
+        fi
+        touch "$dir/.installed"
+    fi
+    echo "$dir/bin/python"
+}

@@ -2,6 +2,7 @@
 Megatron's global variables from its own parser for the tests of the logging wrappers."""
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -12,6 +13,9 @@ import torch.distributed as dist
 from megatron_channel import uninstall_channel_logging
 from megatron_testing import init_parallel, init_single_process_group
 
+# The Megatron-Bridge tests run in the environment scripts/test.sh makes for Bridge (bridge_env).
+BRIDGE_TESTS = ["test_bridge.py", "test_bridge_units.py"]
+collect_ignore = [] if importlib.util.find_spec("megatron.bridge") else BRIDGE_TESTS
 
 
 @pytest.fixture(scope="session")

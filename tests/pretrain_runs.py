@@ -16,6 +16,7 @@ from megatron_channel.channel_logging.jsonl_schema import Record, TrainRecord, V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "pretrain_gpt_channel.py")
+BRIDGE_SCRIPT = os.path.join(ROOT, "scripts", "pretrain_bridge_channel.py")
 CHANNELS = ("copy", "count", "noise")
 SEQ = 64
 GLOBAL_BATCH = 8
@@ -130,10 +131,22 @@ def read_events(tensorboard_dir: str) -> dict[str, list[tuple[int, float]]]:
 def run_pretrain(run_dir: str, flags: list[str], nproc: int = 2, timeout: float = 400) -> Run:
     """One torchrun launch of the channel launch script with ``--cpu``; raises with its output if it fails."""
     tensorboard_dir = os.path.join(run_dir, "tensorboard")
+    return _launch([SCRIPT, "--cpu", *flags, "--tensorboard-dir", tensorboard_dir], tensorboard_dir, nproc, timeout)
+
+
+def run_bridge(run_dir: str, flags: list[str], nproc: int = 2, timeout: float = 400) -> Run:
+    """One torchrun launch of ``scripts/pretrain_bridge_channel.py --cpu`` (Megatron-Bridge's
+    ``pretrain()``); ``flags``: its flags and Bridge's ``key=value`` overrides."""
+    tensorboard_dir = os.path.join(run_dir, "tensorboard")
+    return _launch([BRIDGE_SCRIPT, "--cpu", *flags, f"logger.tensorboard_dir={tensorboard_dir}"], tensorboard_dir,
+                   nproc, timeout)
+
+
+def _launch(script_and_flags: list[str], tensorboard_dir: str, nproc: int, timeout: float) -> Run:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--standalone",  # a free rendezvous port of its own
-        SCRIPT, "--cpu", *flags, "--tensorboard-dir", tensorboard_dir,
+        *script_and_flags,
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -13,7 +13,9 @@ with token accuracy, the accuracy keys (``--accuracy-name``).
 Output: one PNG, top panel the loss of every channel over iterations (train solid,
 validation dashed in the same colour, ``lm loss`` thin grey for reference), bottom panel every
 channel's share of the loss tokens; with token accuracy, a middle panel of every channel's
-accuracy (train solid, validation dashed). Iterations logged twice (a run resumed from an earlier
+accuracy (train solid, validation dashed). With ``--channel-mixture`` (or its advice), the share
+panel also draws each channel's sampling weight as a dashed step line from the iteration it
+applies to (dotted: advised, not applied). Iterations logged twice (a run resumed from an earlier
 checkpoint) keep the later value.
 """
 
@@ -25,7 +27,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from megatron_channel.channel_logging.jsonl_schema import TrainRecord, read_jsonl
+from megatron_channel.channel_logging.jsonl_schema import MixtureRecord, TrainRecord, read_jsonl
 from megatron_channel.names import LM_LOSS_KEY, TOKEN_ACC_KEY, share_name, validation_name
 
 Series = list[tuple[int, float]]
@@ -44,6 +46,8 @@ class ChannelSeries:
         train_accuracy / validation_accuracy: per channel (and set), its token accuracy.
         reference_accuracy: the all-token accuracy (``token acc``), when the input has it.
         reference_loss: the all-token loss (``lm loss``), when the input has it.
+        weights: per channel, the mixture's sampling weight from each decision's first iteration.
+        weights_applied: whether the mixture changed sampling (False: advice only).
     """
 
     channels: list[str]
@@ -54,6 +58,8 @@ class ChannelSeries:
     train_accuracy: dict[str, Series] = field(default_factory=dict)
     validation_accuracy: dict[tuple[str, str], Series] = field(default_factory=dict)
     reference_accuracy: Series = field(default_factory=list)
+    weights: dict[str, Series] = field(default_factory=dict)
+    weights_applied: bool = True
 
 
 def _sorted(points: dict[int, float]) -> Series:
@@ -66,6 +72,8 @@ def parse_jsonl(path: str) -> ChannelSeries:
     series: dict[str, dict] = {name: {} for name in (
         "train_loss", "validation_loss", "share", "train_accuracy", "validation_accuracy")}
     reference: dict[str, dict[int, float]] = {"loss": {}, "accuracy": {}}
+    weights: dict[str, dict[int, float]] = {}
+    applied = True
 
     def add(kind: str, key, iteration: int, value: float | None) -> None:
         if value is not None:
@@ -84,6 +92,10 @@ def parse_jsonl(path: str) -> ChannelSeries:
                 reference["loss"][record.iteration] = record.lm_loss_token_weighted
             if record.token_acc is not None:
                 reference["accuracy"][record.iteration] = record.token_acc
+        elif isinstance(record, MixtureRecord):
+            applied = record.applied
+            for name, values in record.channels.items():
+                weights.setdefault(name, {})[record.first_iteration] = values.weight
         elif record.split == "validation":
             for name, values in record.channels.items():
                 add("validation_loss", (name, record.set), record.iteration, values.loss)
@@ -93,6 +105,8 @@ def parse_jsonl(path: str) -> ChannelSeries:
         **{kind: {k: _sorted(v) for k, v in per_key.items()} for kind, per_key in series.items()},
         reference_loss=_sorted(reference["loss"]),
         reference_accuracy=_sorted(reference["accuracy"]),
+        weights={name: _sorted(points) for name, points in weights.items()},
+        weights_applied=applied,
     )
 
 
@@ -189,6 +203,9 @@ def plot(series: ChannelSeries, out_path: str, title: str | None = None) -> None
                     _draw(ax, points, color=color, linestyle="--", marker="o", markersize=3,
                           label=f"{name} validation{suffix}")
         _draw(share_ax, series.share.get(name), color=color, linewidth=1.4, label=name)
+        _draw(share_ax, series.weights.get(name), color=color, linewidth=1.2, drawstyle="steps-post",
+              linestyle="--" if series.weights_applied else ":",
+              label=f"{name} weight" + ("" if series.weights_applied else " (advised)"))
     loss_ax.set_ylabel("loss per token")
     loss_ax.set_title(title or "per-channel loss")
     if acc_ax is not None:

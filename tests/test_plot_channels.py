@@ -232,3 +232,23 @@ def test_accuracy_series_and_their_panel(tmp_path):
     plot_channels.plot(series, str(plain))
     height = lambda png: int.from_bytes(png.read_bytes()[20:24], "big")  # the PNG header's height
     assert height(with_accuracy) > height(plain)
+
+
+@pytest.mark.timeout(90)
+def test_mixture_weights_are_drawn_on_the_share_panel(synthetic_run, tmp_path):
+    from megatron_channel.channel_logging.jsonl_schema import MixtureChannel, MixtureRecord
+
+    jsonl, _, _, _ = synthetic_run
+    path = tmp_path / "mixture.jsonl"
+    path.write_text(Path(jsonl).read_text())
+    names = plot_channels.load_series(jsonl).channels
+    for iteration, weight in [(2, 0.7), (4, 0.2)]:
+        append_jsonl(str(path), MixtureRecord(
+            iteration=iteration, first_iteration=iteration + 3, first_sample=(iteration + 2) * 8,
+            policy="learning-progress", signal="train", applied=True,
+            channels={name: MixtureChannel(weight=weight if i == 0 else (1 - weight) / (len(names) - 1),
+                                           loss=1.0, score=None) for i, name in enumerate(names)}))
+    series = plot_channels.load_series(str(path))
+    assert series.weights[names[0]] == [(5, 0.7), (7, 0.2)] and series.weights_applied
+    out = tmp_path / "mixture.png"
+    assert run_cli(path, "-o", out).returncode == 0 and out.read_bytes()[:4] == b"\x89PNG"

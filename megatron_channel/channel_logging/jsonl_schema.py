@@ -8,8 +8,9 @@ set suffix) covers one evaluation. Per channel: ``loss`` (null when it had no to
 NaN), ``tokens`` and ``share`` of all loss tokens, and on train records the cumulative
 ``tokens_cumulative`` / ``share_cumulative`` since logging started in the process. With
 token accuracy on, each channel also has ``accuracy`` and the record ``token_acc`` (absent,
-not null, where undefined or off). The file
-is appended to, never truncated, so a resumed run continues it.
+not null, where undefined or off). A mixture record (``kind`` ``"mixture"``) is one decision of
+``--channel-mixture`` / ``--channel-mixture-advice``: per channel its weight and the signal it
+came from. The file is appended to, never truncated, so a resumed run continues it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 
 TRAIN_KIND = "train"
 VALIDATION_KIND = "validation"
+MIXTURE_KIND = "mixture"
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,36 @@ class ValidationRecord:
     token_acc: float | None = None
 
 
-Record = TrainRecord | ValidationRecord
-_CHANNEL_TYPE = {TRAIN_KIND: TrainChannel, VALIDATION_KIND: ValidationChannel}
-_RECORD_TYPE = {TRAIN_KIND: TrainRecord, VALIDATION_KIND: ValidationRecord}
+@dataclass(frozen=True)
+class MixtureChannel:
+    """One channel of one mixture decision."""
+
+    weight: float  # its sampling weight from ``first_sample`` on
+    loss: float | None  # the signal's loss (None: no tokens this interval)
+    score: float | None  # learning-progress: loss decrease per token; target-loss: excess over the target
+
+
+@dataclass(frozen=True)
+class MixtureRecord:
+    """One mixture decision (``--channel-mixture`` / ``--channel-mixture-advice``), made after ``iteration``.
+
+    ``applied``: the blend samples with these weights from global sample ``first_sample`` (the
+    first batch of ``first_iteration``) on; False under advice (logged only).
+    """
+
+    kind: ClassVar[str] = MIXTURE_KIND
+    iteration: int
+    first_iteration: int
+    first_sample: int
+    policy: str
+    signal: str
+    applied: bool
+    channels: dict[str, MixtureChannel]
+
+
+Record = TrainRecord | ValidationRecord | MixtureRecord
+_CHANNEL_TYPE = {TRAIN_KIND: TrainChannel, VALIDATION_KIND: ValidationChannel, MIXTURE_KIND: MixtureChannel}
+_RECORD_TYPE = {TRAIN_KIND: TrainRecord, VALIDATION_KIND: ValidationRecord, MIXTURE_KIND: MixtureRecord}
 
 
 def train_record(report, iteration: int, consumed_samples: int | None = None) -> TrainRecord:

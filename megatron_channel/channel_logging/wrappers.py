@@ -84,6 +84,8 @@ class ChannelLoggingState:
         pending_evals: one ``ChannelStats`` per evaluate call, for evaluate_and_print_results.
         print_edit: while a wrapped function runs, what ``wrap_print_rank_last`` applies to
             each message before printing it; None otherwise.
+        mixture: the channel mixture (``mixture.runtime.MixtureRuntime``), told of every
+            iteration's totals and every evaluation; None without one.
         iteration_line_seen: a Megatron iteration line was recognised at least once.
         intervals_without_line: log intervals that ended with no recognised iteration line.
         warned: the warnings already given (each at most once).
@@ -95,6 +97,7 @@ class ChannelLoggingState:
     pending_train_totals: Tensor | None = None
     pending_evals: list[ChannelStats] = field(default_factory=list)
     print_edit: Callable[[object], object] | None = None
+    mixture: object | None = None
     iteration_line_seen: bool = False
     intervals_without_line: int = 0
     warned: set[str] = field(default_factory=set)
@@ -201,7 +204,9 @@ def wrap_training_log(original: Callable, state: ChannelLoggingState, module) ->
         iteration = bound.arguments["iteration"]
         is_first = bool(bound.arguments["is_first_iteration"])
         totals, state.pending_train_totals = state.pending_train_totals, None
-        if totals is not None and not bound.arguments["skipped_iter"]:
+        if bound.arguments["skipped_iter"]:
+            totals = None
+        if totals is not None:
             state.accountant.add_iteration(totals)
 
         margs = module.get_args()
@@ -230,6 +235,8 @@ def wrap_training_log(original: Callable, state: ChannelLoggingState, module) ->
             if report is not None:
                 _write_scalars(module, train_scalars(report, state.config), iteration, margs, vs_samples=True,
                                loss_keys=set(state.config.metric_keys()))
+        if state.mixture is not None:
+            state.mixture.after_iteration(iteration, totals, margs)
         return result
 
     return training_log
@@ -285,6 +292,8 @@ def wrap_evaluate(original: Callable, state: ChannelLoggingState) -> Callable:
             if loss is not None:
                 total_loss_dict[key] = torch.tensor(loss, dtype=torch.float64)
         state.pending_evals.append(stats)
+        if state.mixture is not None:
+            state.mixture.after_evaluation([stats.loss(i) for i in range(len(state.config.channels))])
         return result
 
     return evaluate

@@ -29,6 +29,8 @@ from ..data.tagged import blend_component_paths, tag_datasets
 from ..megatron_internals.launch import model_config, parse_megatron_args, run_pretrain
 from ..megatron_internals.patches import log_patches_to_stderr
 from ..megatron_internals.releases import release_for
+from ..mixture.runtime import MixtureRuntime, install_mixture_runtime
+from ..mixture.settings import add_mixture_args, check_blend_for_mixture, mixture_settings_from_args
 from ..settings import ChannelSettings, add_channel_args, channel_settings_from_args
 from ..step.forward_step import make_forward_step
 from ..step.layout import rows_are_packed
@@ -43,7 +45,7 @@ from .startup import (
 )
 
 
-def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
+def gpt_dataset_config(args, tokenizer, surplus: float | None = None) -> GPTDatasetConfig:
     """The ``GPTDatasetConfig`` Megatron's pretrain_gpt builds from ``args``."""
     from megatron.training.utils import get_blend_and_blend_per_split
 
@@ -78,7 +80,7 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
         create_attention_mask=args.create_attention_mask_in_dataloader and not args.sft,
         context_parallel_size=args.context_parallel_size,
         object_storage_cache_path=args.object_storage_cache_path,
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus if surplus is None else surplus,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
         fast_cache_load=args.dataloader_fast_cache_load,
         defer_npy_index_mmap=args.dataloader_defer_npy_index_mmap,
@@ -105,15 +107,27 @@ def dataset_class(args, settings: ChannelSettings):
     return MockGPTDataset if args.mock_data else GPTDataset
 
 
-def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_num_samples, vp_stage=None) -> list:
-    """Train, valid and test datasets whose samples carry ``channels``."""
-    config = gpt_dataset_config(args, tokenizer)
+# Components of a steered blend are built for up to this many times their blend weight's samples
+# (Megatron's mid-level surplus); a component asked for more wraps around to its first sample.
+MIXTURE_HEADROOM = 4.0
+
+
+def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_num_samples, vp_stage=None,
+                   mixture: MixtureRuntime | None = None) -> list:
+    """Train, valid and test datasets whose samples carry ``channels`` (the training blend under
+    ``mixture``'s schedule when it steers the blend)."""
+    steered = mixture is not None and mixture.settings.apply
+    config = gpt_dataset_config(args, tokenizer, surplus=MIXTURE_HEADROOM - 1 if steered else None)
     datasets = BlendedMegatronDatasetBuilder(
         dataset_class(args, settings),
         train_val_test_num_samples,
         partial(is_dataset_built_on_rank, vp_stage=vp_stage, every_stage=rows_are_packed(args)),
         config,
     ).build()
+    if steered and datasets[0] is not None:
+        datasets[0] = mixture.train_dataset(
+            datasets[0], iteration=args.iteration, consumed_samples=args.consumed_train_samples, load_dir=args.load,
+            capacity=args.train_iters // mixture.settings.interval + 2)
     component_ids = []
     for paths in blend_component_paths(config):
         if paths is None:
@@ -127,7 +141,7 @@ def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_nu
     return tag_datasets(datasets, component_ids, channel_id=settings.channel_id)
 
 
-def datasets_provider(settings: ChannelSettings):
+def datasets_provider(settings: ChannelSettings, mixture: MixtureRuntime | None = None):
     """A Megatron ``train_valid_test_datasets_provider`` for these channel settings."""
 
     def provider(train_val_test_num_samples, vp_stage=None):
@@ -135,7 +149,7 @@ def datasets_provider(settings: ChannelSettings):
 
         args = get_args()
         print_rank_0("> building train, validation, and test datasets with channels ...")
-        return build_datasets(args, settings, get_tokenizer(), train_val_test_num_samples, vp_stage)
+        return build_datasets(args, settings, get_tokenizer(), train_val_test_num_samples, vp_stage, mixture)
 
     provider.is_distributed = True
     return provider
@@ -160,6 +174,7 @@ def check_channel_source(args, settings: ChannelSettings) -> None:
 def add_launch_args(parser):
     """Megatron's ``extra_args_provider``: the channel flags plus this script's own."""
     add_channel_args(parser)
+    add_mixture_args(parser)
     group = parser.add_argument_group(title="channel loss launch")
     group.add_argument("--cpu", action="store_true",
                        help="Train on this machine's CPU over gloo through the same pretrain() (a dry run of "
@@ -242,12 +257,33 @@ def main(argv: list[str] | None = None) -> None:
     else:  # the stock arm computes nothing of ours, token accuracy included
         forward_step = stock_forward_step(make_forward_step(dataclasses.replace(config, token_accuracy=False)))
     forward_step = with_loss_checks(forward_step, args)
+    mixture = mixture_runtime(args, settings)
+    jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
     if channel_loss:
-        jsonl = os.path.join(args.tensorboard_dir, "channels.jsonl") if args.tensorboard_dir else None
         install_channel_logging(config, jsonl_path=jsonl)
-    run_pretrain(release, args, datasets_provider(settings), forward_step, provider,
+    if mixture is not None:
+        mixture.jsonl_path = jsonl
+        install_mixture_runtime(mixture, args.save)
+    run_pretrain(release, args, datasets_provider(settings, mixture), forward_step, provider,
                  model_config(release, args, hybrid=is_hybrid(args)))
     finish_run()
+
+
+def mixture_runtime(args, settings: ChannelSettings) -> MixtureRuntime | None:
+    """The channel mixture of ``--channel-mixture`` / ``--channel-mixture-advice``, checked at start-up."""
+    mixture = mixture_settings_from_args(args, settings.names)
+    if mixture is None:
+        return None
+    if getattr(args, "disable_channel_loss", False):
+        raise ValueError("--channel-mixture needs the channel losses: drop --disable-channel-loss")
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    train_blend = blend if blend is not None else (blend_per_split[0] if blend_per_split else None)
+    paths = None if train_blend is None else list(train_blend[0])
+    component_channels = check_blend_for_mixture(args, settings, paths)
+    weights = train_blend[1] if train_blend[1] is not None else [1.0] * len(paths)
+    return MixtureRuntime(mixture, settings.names, component_channels, weights, args.global_batch_size)
 
 
 def finish_run() -> None:

@@ -1,0 +1,250 @@
+"""``MixtureRuntime``: the mixture inside Megatron-LM's loop, beside the channel logging.
+
+* Data: ``train_dataset`` puts a ``ScheduledBlendedDataset`` over the training blend's
+  components, with a shared-memory schedule made before the data loader starts its workers.
+* Every iteration (called by the ``training_log`` wrapper on every rank): the controller takes
+  the iteration's all-reduced channel totals (last pipeline stage, on the device: nothing is
+  read on the host between decisions). Every ``interval`` iterations the last rank decides, and
+  ONE broadcast of ``K + 1`` float64 values gives every rank the same weights (the first
+  pipeline stage reads data too). Applied, they become a schedule row from sample
+  ``(iteration + lag) x global batch``; every iteration the horizon moves to that same point.
+  A second small all-reduce checks that every rank holds the same rows.
+* Checkpoints: after Megatron saves iteration N, the last rank writes the rows and the
+  controller state to ``<save>/channel_mixture/iter_N.json``; a run loading iteration N reads
+  it back, so it continues the schedule exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from ..channel_logging.jsonl_schema import MixtureChannel, MixtureRecord, append_jsonl
+from ..data.scheduled_blend import MixtureSchedule, ScheduledBlendedDataset
+from .controller import MixtureController
+from .policies import SCHEDULE
+from .settings import MixtureSettings
+
+SIDECAR_DIR = "channel_mixture"
+MIXTURE_WEIGHT = "mixture weight "  # TensorBoard / W&B name prefix: "mixture weight math"
+
+
+def sidecar_path(directory: str, iteration: int) -> str:
+    return os.path.join(directory, SIDECAR_DIR, f"iter_{iteration:07d}.json")
+
+
+def _is_last_rank() -> bool:
+    dist = torch.distributed
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+class MixtureRuntime:
+    """Args:
+        settings: the mixture settings.
+        names: the channel names, in channel order.
+        component_channels: the channel of each blend component (one component per channel).
+        blend_weights: the blend's own weights, per component.
+        global_batch_size: samples per iteration.
+        jsonl_path: where the last rank appends ``MixtureRecord``s (None: nowhere).
+    """
+
+    def __init__(self, settings: MixtureSettings, names, component_channels, blend_weights, global_batch_size: int,
+                 jsonl_path: str | None = None):
+        self.settings, self.names = settings, tuple(names)
+        self.component_channels = list(component_channels)
+        initial = np.zeros(len(self.names))
+        for component, channel in enumerate(self.component_channels):
+            initial[channel] = blend_weights[component]
+        self.controller = MixtureController(settings, initial)
+        self.gbs, self.jsonl_path = int(global_batch_size), jsonl_path
+        self.rows: list[tuple[int, list[float]]] = [(0, (initial / initial.sum()).tolist())]  # channel weights
+        self.schedules: list[MixtureSchedule] = []
+        self.pending_records: list[MixtureRecord] = []
+        self.loaded_from: str | None = None
+        self._window = None  # device [K, 2] train totals since the last decision
+        if settings.policy == SCHEDULE:
+            rows = [(start * self.gbs, list(w)) for start, w in settings.schedule]
+            self.rows = rows if rows[0][0] == 0 else self.rows + rows
+            self.pending_records = [self._record(start // self.gbs, start, w, None) for start, w in rows]
+
+    # ------------------------------------------------------------------ data
+    def component_weights(self, channel_weights) -> list[float]:
+        return [channel_weights[c] for c in self.component_channels]
+
+    def train_dataset(self, blended, *, iteration: int, consumed_samples: int, load_dir: str | None,
+                      capacity: int):
+        """The training ``BlendedDataset`` under the schedule (``iteration``: where training resumes)."""
+        if load_dir and iteration > 0 and self.loaded_from is None:
+            self.load(load_dir, iteration)
+        horizon = blended.size if self.settings.policy == SCHEDULE else consumed_samples + self.settings.lag * self.gbs
+        schedule = MixtureSchedule(self.component_weights(self.rows[0][1]), capacity=capacity + len(self.rows))
+        schedule.restore([(0, self.component_weights(self.rows[0][1]), [0] * len(self.component_channels))], 0)
+        for start, weights in self.rows[1:]:
+            schedule.append(start, self.component_weights(weights))
+        schedule.publish_through(horizon)
+        self.schedules.append(schedule)
+        return ScheduledBlendedDataset(blended.datasets, schedule, blended.size)
+
+    # ------------------------------------------------------------------ the loop
+    def after_iteration(self, iteration: int, totals, margs) -> None:
+        """Called on every rank after ``training_log`` of ``iteration``; ``totals``: the iteration's
+        global table on the last stage (None elsewhere, or for a skipped iteration)."""
+        if totals is not None:
+            rows = totals[: len(self.names)].detach()
+            self._window = rows.clone() if self._window is None else self._window + rows
+        for record in self.pending_records:
+            self._write(record, margs)
+        self.pending_records = []
+        if self.settings.policy != SCHEDULE and iteration % self.settings.interval == 0:
+            self._decide(iteration, margs)
+        if self.settings.apply and self.settings.policy != SCHEDULE:
+            for schedule in self.schedules:
+                schedule.publish_through((iteration + self.settings.lag) * self.gbs)
+
+    def after_evaluation(self, losses: list[float | None]) -> None:
+        if self.settings.signal == "validation":
+            self.controller.add_validation(list(losses)[: len(self.names)])
+
+    def _decide(self, iteration: int, margs) -> None:
+        k = len(self.names)
+        message = torch.zeros(k + 1 + 2 * k, dtype=torch.float64)
+        decision = None
+        if _is_last_rank():
+            if self._window is not None:
+                self.controller.add_train_totals(self._window.cpu().numpy())
+            decision = self.controller.decide()
+            if decision is not None:
+                weights, detail = decision
+                message[0] = 1.0
+                message[1:k + 1] = torch.from_numpy(weights)
+                message[k + 1:] = torch.tensor([np.nan if v is None else v for v in detail["loss"]]
+                                               + list(detail.get("progress_per_token", detail.get("excess"))))
+        self._window = None
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            on_device = message.to(device)
+            dist.broadcast(on_device, src=dist.get_world_size() - 1)
+            message = on_device.cpu()
+        if message[0] != 1.0:
+            return
+        weights = message[1:k + 1].tolist()
+        self.controller.weights = np.asarray(weights)  # every rank holds the decided weights
+        loss, score = message[k + 1:2 * k + 1].tolist(), message[2 * k + 1:].tolist()
+        first_sample = (iteration + self.settings.lag) * self.gbs
+        if self.settings.apply:
+            self.rows.append((first_sample, weights))
+            for schedule in self.schedules:
+                schedule.append(first_sample, self.component_weights(weights))
+        self._write(self._record(iteration, first_sample, weights, (loss, score)), margs, check=True)
+
+    def _record(self, iteration, first_sample, weights, detail) -> MixtureRecord:
+        loss, score = detail if detail is not None else ([None] * len(weights), [None] * len(weights))
+        clean = [None if v is None or v != v else float(v) for v in loss]
+        return MixtureRecord(
+            iteration=int(iteration), first_iteration=first_sample // self.gbs + 1, first_sample=int(first_sample),
+            policy=self.settings.policy, signal=self.settings.signal, applied=self.settings.apply,
+            channels={name: MixtureChannel(weight=float(w), loss=l, score=None if s is None else float(s))
+                      for name, w, l, s in zip(self.names, weights, clean, score)})
+
+    def rows_digest(self) -> int:
+        text = json.dumps(self.rows)
+        return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+    def _write(self, record: MixtureRecord, margs, check: bool = False) -> None:
+        agree = self._ranks_agree() if check else None
+        if not _is_last_rank():
+            return
+        if self.jsonl_path:
+            append_jsonl(self.jsonl_path, record)
+        fields = "".join(f" weight {name}: {c.weight:.4f} |" for name, c in record.channels.items())
+        mode = f"applied from iteration {record.first_iteration}" if record.applied else "advice, not applied"
+        same = "" if agree is None else f" same rows on all {torch.distributed.get_world_size()} ranks |" \
+            if agree else " ROWS DIFFER ACROSS RANKS |"
+        print(f" channel mixture at iteration {record.iteration} ({record.policy}, {record.signal} signal, {mode}) |"
+              f"{fields}{same}", flush=True)
+        from ..megatron_internals.loop import training_module
+
+        module = training_module()
+        scalars = {MIXTURE_WEIGHT + name: c.weight for name, c in record.channels.items()}
+        writer, wandb = module.get_tensorboard_writer(), module.get_wandb_writer()
+        if writer:
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, record.iteration)
+        if wandb:
+            wandb.log(scalars, record.iteration)
+
+    def _ranks_agree(self) -> bool | None:
+        dist = torch.distributed
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return True
+        digest = torch.tensor([self.rows_digest(), -self.rows_digest()], dtype=torch.int64)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        on_device = digest.to(device)
+        dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+        high, negative_low = on_device.cpu().tolist()
+        if high != -negative_low:
+            raise RuntimeError("the channel mixture rows differ across ranks; the data would differ too")
+        return True
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str, iteration: int) -> None:
+        if not _is_last_rank():
+            return
+        if self._window is not None:  # the interval so far belongs to the saved state
+            self.controller.add_train_totals(self._window.cpu().numpy())
+            self._window = None
+        path = sidecar_path(directory, iteration)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = {"rows": self.rows, "controller": self.controller.state_dict(), "lag": self.settings.lag,
+                 "global_batch_size": self.gbs, "names": list(self.names), "policy": self.settings.policy}
+        with open(path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(path + ".tmp", path)
+
+    def load(self, directory: str, iteration: int) -> None:
+        path = sidecar_path(directory, iteration)
+        if not os.path.exists(path):
+            warnings.warn(f"no channel mixture schedule at {path}: the mixture starts again from the blend's "
+                          "weights at this iteration", UserWarning, stacklevel=2)
+            self.loaded_from = path
+            return
+        with open(path) as f:
+            state = json.load(f)
+        if state["names"] != list(self.names) or state["global_batch_size"] != self.gbs:
+            raise ValueError(f"{path} was saved for channels {state['names']} and global batch "
+                             f"{state['global_batch_size']}; this run has {list(self.names)} and {self.gbs}")
+        self.rows = [(int(start), list(weights)) for start, weights in state["rows"]]
+        self.controller.load_state_dict(state["controller"])
+        self.pending_records = []
+        self.loaded_from = path
+
+
+def install_mixture_runtime(runtime: MixtureRuntime, save_dir: str | None) -> None:
+    """Hand ``runtime`` to the installed channel logging (which calls it every iteration and
+    evaluation) and, when the run saves checkpoints, write the schedule beside each one."""
+    from ..channel_logging.install import installed_channel_logging
+    from ..megatron_internals.loop import training_module
+    from ..megatron_internals.patches import apply_patch
+
+    state = installed_channel_logging()
+    if state is None:
+        raise RuntimeError("the channel mixture needs the channel logging: call install_channel_logging first")
+    state.mixture = runtime
+    if not save_dir:
+        return
+    module = training_module()
+    original = module.save_checkpoint
+
+    def save_checkpoint(iteration, *args, **kwargs):
+        result = original(iteration, *args, **kwargs)
+        runtime.save(save_dir, int(iteration))
+        return result
+
+    apply_patch(module, {"save_checkpoint": save_checkpoint},
+                reason="megatron_channel: the channel mixture schedule beside each checkpoint")

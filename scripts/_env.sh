@@ -44,33 +44,45 @@ fi
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
 
-# megatron_release_env VERSION: a virtual environment of its own for megatron-core==VERSION,
-# layered on the main one (whose packages it sees after its own: torch is not installed twice),
-# with what that release needs beside it (``MegatronRelease.test_requirements``). Made once;
-# prints its python.
-megatron_release_env() {
-    local version="$1" dir="$ROOT/.venv-megatron/$1"
+# layered_venv DIR: a virtual environment at DIR that sees the main one's packages after its own
+# (through a .pth file), so torch and the rest are not installed twice.
+layered_venv() {
+    local dir="$1" site
+    python -m venv "$dir" &&
+    site="$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" &&
+    echo "import site; site.addsitedir($(python -c 'import sysconfig; print(repr(sysconfig.get_paths()["purelib"]))'))" \
+        >"$site/_main_environment.pth"
+}
+
+# made_once DIR WHAT LOG COMMAND...: unless DIR was made before, make it with COMMAND (its output
+# in LOG); prints DIR's python.
+made_once() {
+    local dir="$1" what="$2" log="$3"
+    shift 3
     if [ ! -f "$dir/.installed" ]; then
         rm -rf "$dir"
-        echo "making $dir: megatron-core==$version over $VENV" >&2
-        local log="$VENV/install-megatron-$version.log"
-        if ! {
-            python -m megatron_channel.megatron_internals.releases requirements "$version" >"$VENV/requirements-$version.txt" &&
-            python -m venv "$dir" &&
-            "$dir/bin/python" - "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" <<'PY' &&
-import pathlib, sys, sysconfig
-site = pathlib.Path(sysconfig.get_paths()["purelib"])
-(site / "_main_environment.pth").write_text(f"import site; site.addsitedir({sys.argv[1]!r})\n")
-PY
-            "$dir/bin/python" -m pip install -r "$VENV/requirements-$version.txt"
-        } >"$log" 2>&1; then
+        echo "making $dir: $what over $VENV (log: $log)" >&2
+        if ! "$@" >"$log" 2>&1; then
             tail -n 20 "$log" >&2
-            echo "error: could not make the megatron-core $version environment; see $log" >&2
+            echo "error: could not make $dir ($what); see $log" >&2
             return 1
         fi
         touch "$dir/.installed"
     fi
     echo "$dir/bin/python"
+}
+
+# megatron_release_env VERSION: a virtual environment of its own for megatron-core==VERSION,
+# layered on the main one, with what that release needs beside it
+# (``MegatronRelease.test_requirements``). Made once; prints its python.
+megatron_release_env() {
+    made_once "$ROOT/.venv-megatron/$1" "megatron-core==$1" "$VENV/install-megatron-$1.log" install_release "$1"
+}
+install_release() {
+    local version="$1" dir="$ROOT/.venv-megatron/$1"
+    python -m megatron_channel.megatron_internals.releases requirements "$version" >"$VENV/requirements-$version.txt" &&
+    layered_venv "$dir" &&
+    "$dir/bin/python" -m pip install -r "$VENV/requirements-$version.txt"
 }
 
 # bridge_env: a virtual environment for Megatron-Bridge, layered on the main one like
@@ -91,26 +103,14 @@ BRIDGE_REQUIREMENTS=(
     grpcio-tools httpx nvidia-ml-py defusedxml   # what nvidia-resiliency-ext imports
 )
 bridge_env() {
-    local dir="$ROOT/.venv-bridge"
-    if [ ! -f "$dir/.installed" ]; then
-        rm -rf "$dir"
-        echo "making $dir: megatron-bridge==$BRIDGE_VERSION over $VENV (log: $VENV/install-bridge.log)" >&2
-        local log="$VENV/install-bridge.log" site
-        if ! {
-            python -m venv "$dir" &&
-            site="$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" &&
-            echo "import site; site.addsitedir($(python -c 'import sysconfig; print(repr(sysconfig.get_paths()["purelib"]))'))" \
-                >"$site/_main_environment.pth" &&
-            "$dir/bin/python" -m pip install --no-deps "megatron-bridge==$BRIDGE_VERSION" &&
-            "$dir/bin/python" -m pip install "${BRIDGE_REQUIREMENTS[@]}" &&
-            "$dir/bin/python" -m pip install --no-deps --target "$site" --platform manylinux_2_39_x86_64 \
-                --only-binary :all: "nvidia-resiliency-ext==0.6.0"
-        } >"$log" 2>&1; then
-            tail -n 20 "$log" >&2
-            echo "error: could not make the Megatron-Bridge environment; see $log" >&2
-            return 1
-        fi
-        touch "$dir/.installed"
-    fi
-    echo "$dir/bin/python"
+    made_once "$ROOT/.venv-bridge" "megatron-bridge==$BRIDGE_VERSION" "$VENV/install-bridge.log" install_bridge
+}
+install_bridge() {
+    local dir="$ROOT/.venv-bridge" site
+    layered_venv "$dir" &&
+    site="$("$dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" &&
+    "$dir/bin/python" -m pip install --no-deps "megatron-bridge==$BRIDGE_VERSION" &&
+    "$dir/bin/python" -m pip install "${BRIDGE_REQUIREMENTS[@]}" &&
+    "$dir/bin/python" -m pip install --no-deps --target "$site" --platform manylinux_2_39_x86_64 \
+        --only-binary :all: "nvidia-resiliency-ext==0.6.0"
 }

@@ -49,6 +49,16 @@ ARMS = {
                     f"noise={math.log(63):.4f}"],
 }
 
+# The defaults, measured: learning-progress (train signal) on the unlearnable-heavy blend with one
+# setting changed at a time (the interval and the floor; the signal is compared in ARMS).
+SWEEP_BLEND = "unlearnable-heavy blend (0.1 / 0.1 / 0.8)"
+SWEEP = {
+    "interval 10": ["--channel-mixture", "learning-progress", "--channel-mixture-interval", "10"],
+    "interval 40": ["--channel-mixture", "learning-progress", "--channel-mixture-interval", "40"],
+    "min-share 0.02": ["--channel-mixture", "learning-progress", "--channel-mixture-min-share", "0.02"],
+    "min-share 0.15": ["--channel-mixture", "learning-progress", "--channel-mixture-min-share", "0.15"],
+}
+
 
 def run(opts, data_dir: str, weights, arm: str, seed: int) -> dict[str, float]:
     """One run; the final validation loss of each channel."""
@@ -58,7 +68,8 @@ def run(opts, data_dir: str, weights, arm: str, seed: int) -> dict[str, float]:
     run_dir = os.path.join(opts.run_dir, f"{slug}_{'-'.join(map(str, weights))}_{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)
     blend = [x for w, name in zip(weights, CHANNELS) for x in (str(w), f"{data_dir}/{name}")]
-    mixture = [*ARMS[arm], "--channel-mixture-interval", str(opts.interval)] if ARMS[arm] else []
+    flags_of_arm = {**ARMS, **SWEEP}[arm]
+    mixture = ["--channel-mixture-interval", str(opts.interval), *flags_of_arm] if flags_of_arm else []
     flags = ["--train-iters", str(opts.iters), "--seed", str(seed), "--eval-interval", str(opts.interval),
              "--eval-iters", str(opts.eval_iters), "--log-interval", str(opts.interval), *mixture,
              "--data-path", *blend, *(["--cpu"] if opts.cpu else [])]
@@ -77,14 +88,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def table(results, seeds) -> str:
+def table(results, seeds, blends=BLENDS, arms=ARMS) -> str:
     lines = []
-    for blend in BLENDS:
+    for blend in blends:
         lines += [f"### {blend}", "",
                   "| arm | copy | count | noise | mean learnable | vs static (paired) | verdict |",
                   "|---|---|---|---|---|---|---|"]
         static = [statistics.mean(results[blend]["static"][s][c] for c in LEARNABLE) for s in seeds]
-        for arm in ARMS:
+        for arm in arms:
             per_seed = results[blend][arm]
             learnable = [statistics.mean(per_seed[s][c] for c in LEARNABLE) for s in seeds]
             cells = [mean_sd([per_seed[s][c] for s in seeds]) for c in CHANNELS]
@@ -111,6 +122,7 @@ def main():
     parser.add_argument("--cpu", action="store_true", default=None)
     parser.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "bench_mixture"))
     parser.add_argument("--no-write-doc", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the table of the defaults")
     opts = parser.parse_args()
     import torch
 
@@ -128,8 +140,20 @@ def main():
                 results.setdefault(blend, {}).setdefault(arm, {})[seed] = losses
                 print(f"{blend} | {arm} | seed {seed} | " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()),
                       flush=True)
+    if not opts.no_sweep:
+        for arm in SWEEP:
+            for seed in opts.seeds:
+                losses = run(opts, data_dir, BLENDS[SWEEP_BLEND], arm, seed)
+                results[SWEEP_BLEND][arm] = {**results[SWEEP_BLEND].get(arm, {}), seed: losses}
+                print(f"{SWEEP_BLEND} | {arm} | seed {seed} | "
+                      + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()), flush=True)
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     body = table(results, opts.seeds)
+    if not opts.no_sweep:
+        body += ("\n### The defaults: learning-progress (train) on the unlearnable-heavy blend, one setting changed\n\n"
+                 "Defaults: interval 20, min-share 0.05 (the `learning-progress (train)` row).\n\n"
+                 + table(results, opts.seeds, blends={SWEEP_BLEND: None},
+                         arms={"static": [], "learning-progress (train)": [], **SWEEP}))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" + (
         ", --cpu" if opts.cpu else f", {torch.cuda.get_device_name()}")
     section = (f"{BEGIN}\n`python scripts/bench_mixture.py --iters {opts.iters} --interval {opts.interval} "

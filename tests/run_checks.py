@@ -121,3 +121,32 @@ def check_token_accuracy(run, loss_key: str = "loss_{name}", accuracy_key: str =
             if channel.tokens:
                 assert abs(float(fields[accuracy_key.format(name=name) + " value"]) - channel.accuracy) <= 5e-5
                 assert close(float(fields[loss_key.format(name=name) + " value"]), channel.loss, 1e-6)
+
+
+def check_packed_sft_channels(run, token_accuracy: bool = True):
+    """Packed SFT from the tiny jsonl files (channels from ``configs/channels.yaml``): every
+    channel had tokens, unlabeled.jsonl's lines counting as ``other``; with token accuracy, the
+    channel accuracies mix, token-weighted, to ``token acc``."""
+    assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
+        "math", "code", "chat", "other"}
+    for record in run.train_records() + run.validation_records():
+        assert (record.token_acc is not None) == token_accuracy
+        if token_accuracy:
+            tracked = [c for c in record.channels.values() if c.tokens]
+            assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
+                record.token_acc, rel=1e-9)
+
+
+def check_bitwise_lm_loss(ours, stock):
+    """``ours`` logs the same ``lm loss`` and grad norm as ``stock``, to the last printed digit, in
+    every iteration line, TensorBoard point and validation line; ``stock`` logs no channel."""
+    assert stock.records == []
+    ours_lines, stock_lines = ours.iteration_lines(), stock.iteration_lines()
+    assert sorted(ours_lines) == sorted(stock_lines)
+    for iteration in ours_lines:
+        for key in ("lm loss", "grad norm"):
+            assert ours_lines[iteration][key] == stock_lines[iteration][key], (iteration, key)
+        assert "loss_copy" not in stock_lines[iteration]
+    assert ours.scalars["lm loss"] == stock.scalars["lm loss"]
+    assert [f["lm loss value"] for _, f in ours.validation_lines()] == [
+        f["lm loss value"] for _, f in stock.validation_lines()]

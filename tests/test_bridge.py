@@ -14,7 +14,13 @@ import re
 import pytest
 
 from pretrain_runs import CHANNELS, GLOBAL_BATCH, SEQ, blend, close, run_bridge
-from run_checks import check_token_accuracy, check_train_logs, check_validation
+from run_checks import (
+    check_bitwise_lm_loss,
+    check_packed_sft_channels,
+    check_token_accuracy,
+    check_train_logs,
+    check_validation,
+)
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e, pytest.mark.bridge]
 
@@ -59,16 +65,8 @@ def test_data_parallel_with_token_accuracy(runs):
 
 def test_observer_leaves_lm_loss_and_grad_norm_bitwise_stock(runs):
     ours, stock = runs("dp2", "--channel-token-accuracy"), runs("dp2_stock", "--stock")
-    assert stock.records == []
-    ours_lines, stock_lines = ours.iteration_lines(), stock.iteration_lines()
-    assert sorted(ours_lines) == sorted(stock_lines) == [5, 10, 15, 20]
-    for iteration in ours_lines:
-        for key in ("lm loss", "grad norm"):
-            assert ours_lines[iteration][key] == stock_lines[iteration][key], (iteration, key)
-        assert "loss_copy" not in stock_lines[iteration]
-    assert ours.scalars["lm loss"] == stock.scalars["lm loss"]
-    assert [f["lm loss value"] for _, f in ours.validation_lines()] == [
-        f["lm loss value"] for _, f in stock.validation_lines()]
+    check_bitwise_lm_loss(ours, stock)
+    assert sorted(stock.iteration_lines()) == [5, 10, 15, 20]
 
 
 def test_tensor_parallel_with_a_channel_that_never_has_tokens(runs):
@@ -134,12 +132,7 @@ def test_packed_sft_from_jsonl_with_token_accuracy(tmp_path, data_dir, monkeypat
     # unlabeled.jsonl's lines count as `other`.
     check_train_logs(run, iteration_tokens=None, megatron_lm_loss=False)
     check_validation(run)
-    assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
-        "math", "code", "chat", "other"}
-    for record in run.train_records() + run.validation_records():
-        tracked = [c for c in record.channels.values() if c.tokens]
-        assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
-            record.token_acc, rel=1e-9)
+    check_packed_sft_channels(run)
     check_no_nan(run)
 
 

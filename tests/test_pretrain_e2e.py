@@ -13,7 +13,13 @@ import re
 import pytest
 
 from pretrain_runs import CHANNELS, ROOT, blend, blend_flags, close, model_flags, run_pretrain, sft_launch_flags
-from run_checks import check_token_accuracy, check_train_logs, check_validation
+from run_checks import (
+    check_bitwise_lm_loss,
+    check_packed_sft_channels,
+    check_token_accuracy,
+    check_train_logs,
+    check_validation,
+)
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
@@ -84,16 +90,7 @@ def test_multiple_validation_sets(runs, data_dir):
 def test_disable_channel_loss_leaves_lm_loss_bitwise_unchanged(runs):
     ours = runs("dp2", "--train-iters", "20")
     stock = runs("dp2_stock", "--train-iters", "20", "--disable-channel-loss")
-    assert stock.records == []
-    ours_lines, stock_lines = ours.iteration_lines(), stock.iteration_lines()
-    assert sorted(ours_lines) == sorted(stock_lines)
-    for iteration in ours_lines:
-        for key in ("lm loss", "grad norm"):
-            assert ours_lines[iteration][key] == stock_lines[iteration][key], (iteration, key)
-        assert "loss_copy" not in stock_lines[iteration]
-    assert ours.scalars["lm loss"] == stock.scalars["lm loss"]
-    assert [f["lm loss value"] for _, f in ours.validation_lines()] == [
-        f["lm loss value"] for _, f in stock.validation_lines()]
+    check_bitwise_lm_loss(ours, stock)
 
 
 def test_resume_continues_the_curves(runs, tmp_path):
@@ -153,14 +150,7 @@ def test_packed_sft_from_jsonl(runs, sft_flags, layout, monkeypatch):
     check_validation(run)
     assert all(r.loss_tokens > 0 for r in run.train_records())
     assert sum(r.channels["other"].tokens for r in run.train_records()) > 0
-    assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
-        "math", "code", "chat", "other"}
-    for record in run.train_records() + run.validation_records():
-        assert (record.token_acc is not None) == bool(accuracy)
-        if accuracy:
-            tracked = [c for c in record.channels.values() if c.tokens]
-            assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
-                record.token_acc, rel=1e-9)
+    check_packed_sft_channels(run, token_accuracy=bool(accuracy))
 
 
 ACCURACY = ["--channel-token-accuracy", "--channel-loss-name", "{channel}_loss",

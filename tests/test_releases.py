@@ -19,7 +19,7 @@ import pytest
 from megatron_channel.megatron_internals import release_for
 from megatron_channel.megatron_internals.releases import installed_version
 from pretrain_runs import ROOT, blend_flags, model_flags, run_pretrain, sft_launch_flags
-from run_checks import check_token_accuracy, check_train_logs, check_validation
+from run_checks import check_packed_sft_channels, check_token_accuracy, check_train_logs, check_validation
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.release, pytest.mark.e2e]
 
@@ -68,12 +68,7 @@ def test_packed_sft_context_parallel_with_token_accuracy(tmp_path, data_dir, mon
     run = launch(tmp_path, data_dir, "--context-parallel-size", "2", sft=True)
     check_train_logs(run, iteration_tokens=None, megatron_lm_loss=False)
     check_validation(run)
-    assert {name for r in run.train_records() for name, c in r.channels.items() if c.tokens} == {
-        "math", "code", "chat", "other"}
-    for record in run.train_records() + run.validation_records():
-        tracked = [c for c in record.channels.values() if c.tokens]
-        assert sum(c.tokens * c.accuracy for c in tracked) / record.loss_tokens == pytest.approx(
-            record.token_acc, rel=1e-9)
+    check_packed_sft_channels(run)
 
 
 def test_hybrid_model_data_parallel_with_token_accuracy(tmp_path, data_dir):

@@ -79,6 +79,13 @@ class MixtureRuntime:
     def train_dataset(self, blended, *, iteration: int, consumed_samples: int, load_dir: str | None,
                       capacity: int):
         """The training ``BlendedDataset`` under the schedule (``iteration``: where training resumes)."""
+        for component, channel in zip(blended.datasets, self.component_channels):
+            named = getattr(getattr(component, "dataset", None), "channel_names", None) or ()
+            if any(name != self.names[channel] for name in named):
+                raise ValueError(
+                    f"{getattr(component, 'dataset_path', component)} names the channels {sorted(set(named))} on its "
+                    f"lines, but --channel-mixture steers whole blend components (this one is channel "
+                    f"{self.names[channel]!r}): give one file per channel, or drop the mixture")
         if load_dir and iteration > 0 and self.loaded_from is None:
             self.load(load_dir, iteration)
         horizon = blended.size if self.settings.policy == SCHEDULE else consumed_samples + self.settings.lag * self.gbs

@@ -90,10 +90,30 @@ def test_a_row_cannot_change_decided_samples():
 
 
 def test_a_component_asked_for_more_than_it_holds_wraps_around():
-    schedule = MixtureSchedule([0.5, 0.5], capacity=2, horizon=100)
+    schedule = MixtureSchedule([0.5, 0.5], capacity=2, horizon=40)
     dataset = ScheduledBlendedDataset([Component(0, length=10), Component(1)], schedule, 100)
     assert [dataset.locate(i) for i in range(40) if dataset.locate(i)[0] == 0][10] == (0, 0)
-    assert dataset.wrapped_components == {0}
+    assert schedule.passed_end([10, 100]) == []
+    schedule.append(40, [0.5, 0.5])
+    assert schedule.passed_end([10, 100]) == [0]  # the owner learns it when the next row starts
+
+
+def test_the_training_process_never_waits_for_the_horizon():
+    schedule = MixtureSchedule([0.5, 0.5], capacity=2, horizon=8)
+    dataset = ScheduledBlendedDataset([Component(0), Component(1)], schedule, 100)
+    with pytest.raises(RuntimeError, match=r"sample 8 is past the mixture horizon 8"):
+        dataset.locate(8)
+
+
+def test_long_rows_are_stored_compactly_and_read_like_megatron():
+    from megatron_channel.data.scheduled_blend import GreedyPrefix, greedy_indices
+
+    weights = np.array([0.2, 0.3, 0.5])
+    component, sample = greedy_indices(weights, 20_000)
+    prefix = GreedyPrefix(weights, 20_000)
+    assert prefix.component.dtype == np.int8
+    for position in (0, 1, 4095, 4096, 4097, 12_345, 19_999):
+        assert prefix.at(position) == (component[position], sample[position])
 
 
 def loader_stream(dataset, num_workers: int, schedule: MixtureSchedule, *, gbs: int, iterations: int,
@@ -206,6 +226,8 @@ def mixture_of(parser, *argv):
      r"both given; give one"),
     ([*BLEND, "--channel-mixture", "learning-progress", "--dataloader-type", "cyclic"],
      r"--dataloader-type must be single"),
+    (["--data-path", "/x/math", "/x/code", "--channels-from-blend", "--channel-mixture", "learning-progress"],
+     r"give them in --data-path \(W1 P1 W2 P2 ...\)"),
 ])
 def test_bad_mixture_flags_stop_at_start_up(parser, argv, match):
     with pytest.raises(ValueError, match=match):

@@ -66,7 +66,7 @@ def test_learning_progress_steers_the_blend_and_every_number_still_adds_up(runs)
     assert all(r.applied and r.first_iteration == r.iteration + 3 for r in records)
     assert all(abs(sum(c.weight for c in r.channels.values()) - 1) < 1e-12 for r in records)
     assert all(min(c.weight for c in r.channels.values()) >= 0.05 - 1e-12 for r in records)
-    assert run.stdout.count("same rows on all 2 ranks") == len(records)
+    assert run.stdout.count("same rows on all 2 ranks") == len(records) + 1  # + the check at start-up
     check_shares_follow_weights(run, records)
     points = run.events["mixture weight count"]
     assert [step for step, _ in points] == [r.iteration for r in records]
@@ -87,7 +87,7 @@ def test_data_loader_workers_do_not_change_the_batches(runs):
 def test_pipeline_parallel_first_stage_reads_the_last_stage_weights(runs):
     run = runs("lp_pp2", *MIXTURE, "--pipeline-model-parallel-size", "2")
     records = mixture_records(run)
-    assert records and run.stdout.count("same rows on all 2 ranks") == len(records)
+    assert records and run.stdout.count("same rows on all 2 ranks") == len(records) + 1
     check_shares_follow_weights(run, records)  # the first stage's data follows the last stage's decisions
 
 
@@ -105,6 +105,18 @@ def test_resume_continues_the_schedule(runs, tmp_path):
     assert tokens == straight_tokens
     assert {i: lines[i] for i in straight_lines} == straight_lines  # the resumed process also logs iteration 16
     check_shares_follow_weights(resumed, [r for r in straight if r.iteration <= 15][-1:] + after)
+
+
+def test_resume_at_tensor_parallel_reloads_the_schedule_on_every_rank(runs, tmp_path):
+    """At TP = 2 the deciding (last) rank holds no dataset; it must read the saved schedule too."""
+    checkpoint = str(tmp_path / "checkpoint")
+    saving = ("--save", checkpoint, "--save-interval", "15", "--tensor-model-parallel-size", "2")
+    runs("tp2_resume", *MIXTURE, *saving, "--exit-interval", "15")
+    resumed = runs("tp2_resume_2", *MIXTURE, *saving, "--load", checkpoint)
+    records = mixture_records(resumed)
+    assert [r.iteration for r in records] == [20, 25, 30]
+    assert resumed.stdout.count("same rows on all 2 ranks") == len(records) + 1  # + the check at start-up
+    check_shares_follow_weights(resumed, records)
 
 
 def test_advice_leaves_training_bitwise_stock(runs):
@@ -149,4 +161,4 @@ def test_packed_sft_files_one_per_channel_are_steered(runs, data_dir, tmp_path, 
     check_train_logs(run, iteration_tokens=None, megatron_lm_loss=False)
     records = mixture_records(run)
     assert records and all(r.applied for r in records) and set(records[0].channels) == set(by_channel)
-    assert run.stdout.count("same rows on all 2 ranks") == len(records)
+    assert run.stdout.count("same rows on all 2 ranks") == len(records) + 1

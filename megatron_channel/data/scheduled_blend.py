@@ -17,18 +17,20 @@ iterations end, and a worker asked for a sample at or past the horizon waits for
 sample depends only on its index and the rows, never on ``--num-workers``, prefetching or timing.
 
 A component asked for more samples than it holds (its weight went up) wraps around to its
-first sample; ``wrapped_components`` says which did.
+first sample (``MixtureSchedule.passed_end`` tells the owner, which says so).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-WAIT_SECONDS = 600.0  # a worker waiting this long for the horizon means the owner stopped publishing
+POLL_SECONDS = 0.001
+CHECKPOINT_EVERY = 4096  # positions between two stored count vectors of a row's greedy blend
 
 
 class MixtureSchedule:
@@ -77,6 +79,11 @@ class MixtureSchedule:
         if sample > int(self.horizon[0]):
             self.horizon[0] = sample
 
+    def passed_end(self, lengths) -> list[int]:
+        """Components whose next sample (the last row's offset) is past their ``lengths``."""
+        n = int(self.num_rows[0])
+        return [c for c, (offset, length) in enumerate(zip(self.offsets[n - 1].tolist(), lengths)) if offset >= length]
+
     def restore(self, rows: list[tuple[int, list[float], list[int]]], horizon: int) -> None:
         """Put saved rows back (``rows()`` of the run that saved them)."""
         for r, (start, weights, offsets) in enumerate(rows):
@@ -108,6 +115,30 @@ def greedy_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarr
     return component, sample
 
 
+class GreedyPrefix:
+    """The first ``size`` positions of a row's greedy blend, compactly: the component of each
+    position (int8/int16) and every component's count at each ``CHECKPOINT_EVERY``-th position,
+    about 1 byte a position instead of Megatron's 10."""
+
+    def __init__(self, weights: np.ndarray, size: int):
+        component, sample = greedy_indices(weights, size)
+        self.size = size
+        self.component = component.astype(np.int8 if len(weights) < 128 else np.int16)
+        starts = np.arange(0, size, CHECKPOINT_EVERY)
+        self.counts = np.zeros((len(starts), len(weights)), dtype=np.int64)
+        for k, start in enumerate(starts[1:], 1):  # each component's count before position `start`
+            self.counts[k] = self.counts[k - 1] + np.bincount(component[starts[k - 1]:start], minlength=len(weights))
+        del sample
+
+    def at(self, position: int) -> tuple[int, int]:
+        """``(component, its count before position)``."""
+        component = int(self.component[position])
+        block = position // CHECKPOINT_EVERY
+        start = block * CHECKPOINT_EVERY
+        before = int(np.count_nonzero(self.component[start:position] == component))
+        return component, int(self.counts[block, component]) + before
+
+
 def greedy_counts(weights: np.ndarray, size: int) -> np.ndarray:
     """``[K]`` how many of ``size`` greedy positions each component gets."""
     component, _ = greedy_indices(weights, size)
@@ -130,40 +161,38 @@ class ScheduledBlendedDataset(Dataset):
         self.schedule = schedule
         self.size = int(size)
         self.split = self.datasets[0].index_split
-        self.wrapped_components: set[int] = set()
-        self._greedy: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> greedy prefix, grown by doubling
+        self._greedy: dict[int, GreedyPrefix] = {}  # the rows read last, each prefix grown by doubling
 
     def __len__(self) -> int:
         return self.size
 
     def locate(self, idx: int) -> tuple[int, int]:
-        """``(component, its sample)`` of global sample ``idx`` (waits for the horizon)."""
+        """``(component, its sample)`` of global sample ``idx`` (a worker waits for the horizon)."""
         schedule = self.schedule
         if idx >= int(schedule.horizon[0]):
-            deadline = time.monotonic() + WAIT_SECONDS
+            if torch.utils.data.get_worker_info() is None:  # the training process itself: it would wait forever
+                raise RuntimeError(
+                    f"sample {idx} is past the mixture horizon {int(schedule.horizon[0])}: the training process "
+                    "read further ahead than the mixture lag allows (a bug: please report it)")
+            parent = os.getppid()
             while idx >= int(schedule.horizon[0]):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"sample {idx} is past the mixture horizon {int(schedule.horizon[0])} after "
-                        f"{WAIT_SECONDS:.0f} s: the training process stopped publishing the schedule")
-                time.sleep(0.001)
+                if os.getppid() != parent:
+                    raise RuntimeError("the training process exited while this data loader worker waited for "
+                                       "the mixture schedule")
+                time.sleep(POLL_SECONDS)
         n = int(schedule.num_rows[0])
         row = int(np.searchsorted(schedule.starts[:n].numpy(), idx, side="right")) - 1
-        position = idx - int(schedule.starts[row])
-        component, count = self._greedy_at(row, position)
+        component, count = self._greedy_at(row, idx - int(schedule.starts[row]))
         sample = int(schedule.offsets[row, component]) + count
-        length = len(self.datasets[component])
-        if sample >= length:
-            self.wrapped_components.add(component)
-            sample %= length
-        return component, sample
+        return component, sample % len(self.datasets[component])  # past its end: from its first sample again
 
     def _greedy_at(self, row: int, position: int) -> tuple[int, int]:
-        cached = self._greedy.get(row)
-        if cached is None or position >= len(cached[0]):
-            size = max(1024, 2 * position + 1, 2 * len(cached[0]) if cached else 0)
-            cached = self._greedy[row] = greedy_indices(self.schedule.weights[row].numpy(), size)
-        return int(cached[0][position]), int(cached[1][position])
+        prefix = self._greedy.get(row)
+        if prefix is None or position >= prefix.size:
+            size = max(CHECKPOINT_EVERY, 2 * position + 1, 2 * prefix.size if prefix else 0)
+            self._greedy = {r: g for r, g in self._greedy.items() if r >= row - 1}  # rows are read in order
+            prefix = self._greedy[row] = GreedyPrefix(self.schedule.weights[row].numpy(), size)
+        return prefix.at(position)
 
     def __getitem__(self, idx: int) -> dict:
         component, sample = self.locate(int(idx))

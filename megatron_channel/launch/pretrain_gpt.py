@@ -45,7 +45,7 @@ from .startup import (
 )
 
 
-def gpt_dataset_config(args, tokenizer, surplus: float | None = None) -> GPTDatasetConfig:
+def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
     """The ``GPTDatasetConfig`` Megatron's pretrain_gpt builds from ``args``."""
     from megatron.training.utils import get_blend_and_blend_per_split
 
@@ -80,7 +80,7 @@ def gpt_dataset_config(args, tokenizer, surplus: float | None = None) -> GPTData
         create_attention_mask=args.create_attention_mask_in_dataloader and not args.sft,
         context_parallel_size=args.context_parallel_size,
         object_storage_cache_path=args.object_storage_cache_path,
-        mid_level_dataset_surplus=args.mid_level_dataset_surplus if surplus is None else surplus,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens,
         fast_cache_load=args.dataloader_fast_cache_load,
         defer_npy_index_mmap=args.dataloader_defer_npy_index_mmap,
@@ -107,27 +107,22 @@ def dataset_class(args, settings: ChannelSettings):
     return MockGPTDataset if args.mock_data else GPTDataset
 
 
-# Components of a steered blend are built for up to this many times their blend weight's samples
-# (Megatron's mid-level surplus); a component asked for more wraps around to its first sample.
-MIXTURE_HEADROOM = 4.0
-
-
 def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_num_samples, vp_stage=None,
                    mixture: MixtureRuntime | None = None) -> list:
     """Train, valid and test datasets whose samples carry ``channels`` (the training blend under
     ``mixture``'s schedule when it steers the blend)."""
-    steered = mixture is not None and mixture.settings.apply
-    config = gpt_dataset_config(args, tokenizer, surplus=MIXTURE_HEADROOM - 1 if steered else None)
+    if mixture is not None:
+        mixture.prepare(args.load, args.iteration)
+    config = gpt_dataset_config(args, tokenizer)
     datasets = BlendedMegatronDatasetBuilder(
         dataset_class(args, settings),
         train_val_test_num_samples,
         partial(is_dataset_built_on_rank, vp_stage=vp_stage, every_stage=rows_are_packed(args)),
         config,
     ).build()
-    if steered and datasets[0] is not None:
-        datasets[0] = mixture.train_dataset(
-            datasets[0], iteration=args.iteration, consumed_samples=args.consumed_train_samples, load_dir=args.load,
-            capacity=args.train_iters // mixture.settings.interval + 2)
+    if mixture is not None and mixture.settings.apply and datasets[0] is not None:
+        datasets[0] = mixture.train_dataset(datasets[0], consumed_samples=args.consumed_train_samples,
+                                            capacity=args.train_iters // mixture.settings.interval + 2)
     component_ids = []
     for paths in blend_component_paths(config):
         if paths is None:
@@ -282,8 +277,10 @@ def mixture_runtime(args, settings: ChannelSettings) -> MixtureRuntime | None:
     train_blend = blend if blend is not None else (blend_per_split[0] if blend_per_split else None)
     paths = None if train_blend is None else list(train_blend[0])
     component_channels = check_blend_for_mixture(args, settings, paths)
-    weights = train_blend[1] if train_blend[1] is not None else [1.0] * len(paths)
-    return MixtureRuntime(mixture, settings.names, component_channels, weights, args.global_batch_size)
+    if train_blend[1] is None:
+        raise ValueError("--channel-mixture starts from the blend's weights: give them in --data-path "
+                         "(W1 P1 W2 P2 ...); without weights Megatron weighs components by their size")
+    return MixtureRuntime(mixture, settings.names, component_channels, train_blend[1], args.global_batch_size)
 
 
 def finish_run() -> None:

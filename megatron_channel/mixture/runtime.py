@@ -5,13 +5,14 @@
 * Every iteration (called by the ``training_log`` wrapper on every rank): the controller takes
   the iteration's all-reduced channel totals (last pipeline stage, on the device: nothing is
   read on the host between decisions). Every ``interval`` iterations the last rank decides, and
-  ONE broadcast of ``K + 1`` float64 values gives every rank the same weights (the first
-  pipeline stage reads data too). Applied, they become a schedule row from sample
+  ONE broadcast of ``3K + 1`` float64 values (a flag, the weights, and the signal they came
+  from) gives every rank the same weights (the first pipeline stage reads data too). Applied, they become a schedule row from sample
   ``(iteration + lag) x global batch``; every iteration the horizon moves to that same point.
   A second small all-reduce checks that every rank holds the same rows.
-* Checkpoints: after Megatron saves iteration N, the last rank writes the rows and the
+* Checkpoints: when Megatron saves iteration N, the last rank first writes the rows and the
   controller state to ``<save>/channel_mixture/iter_N.json``; a run loading iteration N reads
-  it back, so it continues the schedule exactly.
+  it back on every rank (in the datasets provider, which every rank runs), so it continues the
+  schedule exactly.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class MixtureRuntime:
         self.schedules: list[MixtureSchedule] = []
         self.pending_records: list[MixtureRecord] = []
         self.loaded_from: str | None = None
+        self.component_lengths: list[int] | None = None  # on ranks that hold the training blend
         self._window = None  # device [K, 2] train totals since the last decision
+        self._saved_window = None  # [K, 2] float64 totals of the interval a resumed run starts inside
         if settings.policy == SCHEDULE:
             rows = [(start * self.gbs, list(w)) for start, w in settings.schedule]
             self.rows = rows if rows[0][0] == 0 else self.rows + rows
@@ -76,9 +79,21 @@ class MixtureRuntime:
     def component_weights(self, channel_weights) -> list[float]:
         return [channel_weights[c] for c in self.component_channels]
 
-    def train_dataset(self, blended, *, iteration: int, consumed_samples: int, load_dir: str | None,
-                      capacity: int):
-        """The training ``BlendedDataset`` under the schedule (``iteration``: where training resumes)."""
+    def prepare(self, load_dir: str | None, iteration: int) -> None:
+        """Read the saved schedule of a resumed run and check every rank holds the same rows.
+        Every rank calls it (Megatron's datasets provider runs on every rank), once."""
+        if self.loaded_from is not None:
+            return
+        self.loaded_from = ""
+        if load_dir and iteration > 0:
+            self.load(load_dir, iteration)
+        self._ranks_agree()
+        if _is_last_rank() and torch.distributed.is_initialized():
+            print(f" channel mixture: {len(self.rows)} schedule row(s) at start-up |"
+                  f" same rows on all {torch.distributed.get_world_size()} ranks |", flush=True)
+
+    def train_dataset(self, blended, *, consumed_samples: int, capacity: int):
+        """The training ``BlendedDataset`` under the schedule (``consumed_samples``: where training resumes)."""
         for component, channel in zip(blended.datasets, self.component_channels):
             named = getattr(getattr(component, "dataset", None), "channel_names", None) or ()
             if any(name != self.names[channel] for name in named):
@@ -86,15 +101,13 @@ class MixtureRuntime:
                     f"{getattr(component, 'dataset_path', component)} names the channels {sorted(set(named))} on its "
                     f"lines, but --channel-mixture steers whole blend components (this one is channel "
                     f"{self.names[channel]!r}): give one file per channel, or drop the mixture")
-        if load_dir and iteration > 0 and self.loaded_from is None:
-            self.load(load_dir, iteration)
         horizon = blended.size if self.settings.policy == SCHEDULE else consumed_samples + self.settings.lag * self.gbs
         schedule = MixtureSchedule(self.component_weights(self.rows[0][1]), capacity=capacity + len(self.rows))
-        schedule.restore([(0, self.component_weights(self.rows[0][1]), [0] * len(self.component_channels))], 0)
         for start, weights in self.rows[1:]:
             schedule.append(start, self.component_weights(weights))
         schedule.publish_through(horizon)
         self.schedules.append(schedule)
+        self.component_lengths = [len(d) for d in blended.datasets]
         return ScheduledBlendedDataset(blended.datasets, schedule, blended.size)
 
     # ------------------------------------------------------------------ the loop
@@ -103,6 +116,9 @@ class MixtureRuntime:
         global table on the last stage (None elsewhere, or for a skipped iteration)."""
         if totals is not None:
             rows = totals[: len(self.names)].detach()
+            if self._window is None and self._saved_window is not None:  # resumed inside an interval
+                self._window, self._saved_window = torch.tensor(self._saved_window, dtype=rows.dtype,
+                                                                device=rows.device), None
             self._window = rows.clone() if self._window is None else self._window + rows
         for record in self.pending_records:
             self._write(record, margs)
@@ -125,7 +141,9 @@ class MixtureRuntime:
             if self._window is not None:
                 self.controller.add_train_totals(self._window.cpu().numpy())
             decision = self.controller.decide()
-            if decision is not None:
+            if decision is not None and not np.all(np.isfinite(decision[0])):
+                message[0] = 2.0  # every rank stops alike, rather than some waiting in a collective
+            elif decision is not None:
                 weights, detail = decision
                 message[0] = 1.0
                 message[1:k + 1] = torch.from_numpy(weights)
@@ -138,6 +156,9 @@ class MixtureRuntime:
             on_device = message.to(device)
             dist.broadcast(on_device, src=dist.get_world_size() - 1)
             message = on_device.cpu()
+        if message[0] == 2.0:
+            raise RuntimeError(f"the {self.settings.policy} policy gave non-finite weights at iteration {iteration} "
+                               "(a NaN or infinite channel loss?); the mixture stops the run")
         if message[0] != 1.0:
             return
         weights = message[1:k + 1].tolist()
@@ -148,6 +169,11 @@ class MixtureRuntime:
             self.rows.append((first_sample, weights))
             for schedule in self.schedules:
                 schedule.append(first_sample, self.component_weights(weights))
+                used_up = schedule.passed_end(self.component_lengths)
+                if used_up:
+                    warnings.warn(f"channel mixture: from sample {first_sample} on, the blend components of "
+                                  f"{[self.names[self.component_channels[c]] for c in used_up]} have given all "
+                                  "their samples; they repeat from their first", UserWarning, stacklevel=2)
         self._write(self._record(iteration, first_sample, weights, (loss, score)), margs, check=True)
 
     def _record(self, iteration, first_sample, weights, detail) -> MixtureRecord:
@@ -203,13 +229,12 @@ class MixtureRuntime:
     def save(self, directory: str, iteration: int) -> None:
         if not _is_last_rank():
             return
-        if self._window is not None:  # the interval so far belongs to the saved state
-            self.controller.add_train_totals(self._window.cpu().numpy())
-            self._window = None
         path = sidecar_path(directory, iteration)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        state = {"rows": self.rows, "controller": self.controller.state_dict(), "lag": self.settings.lag,
-                 "global_batch_size": self.gbs, "names": list(self.names), "policy": self.settings.policy}
+        window = self._window.cpu().tolist() if self._window is not None else self._saved_window
+        state = {"rows": self.rows, "controller": self.controller.state_dict(), "window": window,
+                 "lag": self.settings.lag, "global_batch_size": self.gbs, "names": list(self.names),
+                 "policy": self.settings.policy, "applied": self.settings.apply}
         with open(path + ".tmp", "w") as f:
             json.dump(state, f)
         os.replace(path + ".tmp", path)
@@ -223,11 +248,14 @@ class MixtureRuntime:
             return
         with open(path) as f:
             state = json.load(f)
-        if state["names"] != list(self.names) or state["global_batch_size"] != self.gbs:
-            raise ValueError(f"{path} was saved for channels {state['names']} and global batch "
-                             f"{state['global_batch_size']}; this run has {list(self.names)} and {self.gbs}")
+        saved = (state["names"], state["global_batch_size"], state["policy"], state["applied"], state["lag"])
+        ours = (list(self.names), self.gbs, self.settings.policy, self.settings.apply, self.settings.lag)
+        if saved != ours:
+            raise ValueError(f"{path} was saved by a run with (channels, global batch, policy, applied, lag) = "
+                             f"{saved}; this run has {ours}: resume with the same mixture flags")
         self.rows = [(int(start), list(weights)) for start, weights in state["rows"]]
         self.controller.load_state_dict(state["controller"])
+        self._saved_window = state["window"]
         self.pending_records = []
         self.loaded_from = path
 
@@ -249,9 +277,8 @@ def install_mixture_runtime(runtime: MixtureRuntime, save_dir: str | None) -> No
     original = module.save_checkpoint
 
     def save_checkpoint(iteration, *args, **kwargs):
-        result = original(iteration, *args, **kwargs)
-        runtime.save(save_dir, int(iteration))
-        return result
+        runtime.save(save_dir, int(iteration))  # the rows are final: written first, so no checkpoint lacks them
+        return original(iteration, *args, **kwargs)
 
     apply_patch(module, {"save_checkpoint": save_checkpoint},
                 reason="megatron_channel: the channel mixture schedule beside each checkpoint")

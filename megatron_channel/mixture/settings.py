@@ -163,7 +163,8 @@ def check_blend_for_mixture(args, settings, component_paths: list[str] | None) -
         raise ValueError(f"{flag} needs one blend component per channel; the blend's components map to channels "
                          f"{ids} of {list(settings.names)}: give each component its own channel name")
     for flag_name, bad, why in (("dataloader_type", lambda v: v not in (None, "single"), "single"),
-                                ("rampup_batch_size", lambda v: v is not None, "not set")):
+                                ("rampup_batch_size", lambda v: v is not None, "not set"),
+                                ("phase_transition_iterations", lambda v: bool(v), "not set")):
         if bad(getattr(args, flag_name, None)):
             raise ValueError(f"{flag} keys the weights to the global sample index: --{flag_name.replace('_', '-')} "
                              f"must be {why}")

@@ -178,7 +178,7 @@ def test_the_floor_keeps_every_channel():
 
 
 def test_controller_state_round_trips():
-    settings = MixtureSettings(policy="learning-progress", apply=True)
+    settings = MixtureSettings(policy="learning-progress", apply=True, signal="train")
     controller = MixtureController(settings, [0.25, 0.35, 0.4])
     for i in range(3):
         controller.add_train_totals([[10.0 - i, 4], [6.0, 4], [17.0, 4], [33.0, 12]])
@@ -207,7 +207,7 @@ def mixture_of(parser, *argv):
     from megatron_channel.launch.pretrain_gpt import mixture_runtime
     from megatron_channel.settings import channel_settings_from_args
 
-    args = parser.parse_args(["--global-batch-size", "8", *argv])
+    args = parser.parse_args(["--global-batch-size", "8", "--eval-interval", "10", "--eval-iters", "2", *argv])
     return mixture_runtime(args, channel_settings_from_args(args))
 
 
@@ -226,6 +226,8 @@ def mixture_of(parser, *argv):
      r"both given; give one"),
     ([*BLEND, "--channel-mixture", "learning-progress", "--dataloader-type", "cyclic"],
      r"--dataloader-type must be single"),
+    ([*BLEND, "--channel-mixture", "learning-progress", "--eval-iters", "0"],
+     r"--channel-mixture-signal validation \(the default\) needs validation"),
     (["--data-path", "/x/math", "/x/code", "--channels-from-blend", "--channel-mixture", "learning-progress"],
      r"give them in --data-path \(W1 P1 W2 P2 ...\)"),
 ])
@@ -247,3 +249,10 @@ def test_two_components_of_one_channel_cannot_be_steered(parser):
     with pytest.raises(ValueError, match=r"needs one blend component per channel"):
         mixture_of(parser, "--data-path", "0.5", "/x/a", "0.5", "/y/a", "--channels-from-blend",
                    "--channel-mixture", "learning-progress")
+
+
+def test_the_default_floor_is_measured_and_fits_many_channels(parser):
+    from megatron_channel.mixture.settings import default_min_share
+
+    assert default_min_share(3) == 0.15 and default_min_share(10) == 0.05
+    assert mixture_of(parser, *BLEND, "--channel-mixture", "learning-progress").settings.min_share == 0.15

@@ -17,7 +17,9 @@ from run_checks import check_train_logs
 pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 ITERATIONS = 30
-MIXTURE = ["--channel-mixture", "learning-progress", "--channel-mixture-interval", "5"]
+# The mechanism's tests decide from training losses: a decision every 5 iterations.
+MIXTURE = ["--channel-mixture", "learning-progress", "--channel-mixture-interval", "5", "--channel-mixture-signal",
+           "train"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_learning_progress_steers_the_blend_and_every_number_still_adds_up(runs)
     assert [r.iteration for r in records] == [10, 15, 20, 25, 30]  # the first interval has one point per channel
     assert all(r.applied and r.first_iteration == r.iteration + 3 for r in records)
     assert all(abs(sum(c.weight for c in r.channels.values()) - 1) < 1e-12 for r in records)
-    assert all(min(c.weight for c in r.channels.values()) >= 0.05 - 1e-12 for r in records)
+    assert all(min(c.weight for c in r.channels.values()) >= 0.15 - 1e-12 for r in records)  # the default floor
     assert run.stdout.count("same rows on all 2 ranks") == len(records) + 1  # + the check at start-up
     check_shares_follow_weights(run, records)
     points = run.events["mixture weight count"]
@@ -121,11 +123,20 @@ def test_resume_at_tensor_parallel_reloads_the_schedule_on_every_rank(runs, tmp_
 
 def test_advice_leaves_training_bitwise_stock(runs):
     advised, plain = runs("lp_advice", "--channel-mixture-advice", "learning-progress",
-                          "--channel-mixture-interval", "5"), runs("plain")
+                          "--channel-mixture-interval", "5", "--channel-mixture-signal", "train"), runs("plain")
     assert batch_stream(advised) == batch_stream(plain)
     records = mixture_records(advised)
     assert records and not any(r.applied for r in records)
     assert "advice, not applied" in advised.stdout
+
+
+def test_the_default_validation_signal_decides_after_each_new_validation(runs):
+    run = runs("lp_validation", "--channel-mixture", "learning-progress", "--channel-mixture-interval", "5")
+    # Validation runs after iterations 10, 20, 30 (--eval-interval 10): the decisions after it need two
+    # points per channel, so the first comes after the second validation.
+    records = mixture_records(run)
+    assert [r.iteration for r in records] == [25] and records[0].signal == "validation"
+    check_shares_follow_weights(run, records)
 
 
 def test_a_schedule_from_yaml_is_followed(runs, tmp_path):

@@ -259,7 +259,8 @@ def channel_settings_from_args(args: argparse.Namespace | SimpleNamespace) -> Ch
     from_blend = _from_blend(raw.get("channels_from_blend"), labels.get("channels_from_blend"))
     untracked = raw.get("untracked_channels", DEFAULTS["untracked_channels"])
     check_untracked_policy(untracked, labels.get("untracked_channels", flag_of("untracked_channels")))
-    blend = _training_blend(args) if from_blend is not None else None
+    blend = training_blend(args) if from_blend is not None else None
+    blend = None if blend is None else blend[0]
     if from_blend is not None and blend is None:
         raise ValueError(
             f"{flag_of('channels_from_blend')} needs a blend: give --data-path (or --train-data-path) "
@@ -368,8 +369,8 @@ def _from_blend(value: Any, label: str | None) -> FromBlend:
     return _check_names(value, label, unique=False)
 
 
-def _training_blend(args: Any) -> list[str] | None:
-    """Component paths of the global blend, else of the training split's blend."""
+def training_blend(args: Any) -> tuple[list[str], list[float] | None] | None:
+    """``(component paths, weights or None)`` of the global blend, else of the training split's blend."""
     # Imported here: megatron.training takes seconds to import and only blends need it.
     from megatron.training.utils import get_blend_and_blend_per_split
 
@@ -384,4 +385,4 @@ def _training_blend(args: Any) -> list[str] | None:
     blend, blend_per_split = get_blend_and_blend_per_split(view)
     if blend is None and blend_per_split is not None:
         blend = blend_per_split[0]
-    return None if blend is None else list(blend[0])
+    return None if blend is None else (list(blend[0]), None if blend[1] is None else list(blend[1]))

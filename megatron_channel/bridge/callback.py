@@ -40,10 +40,14 @@ from ..channel_logging.log_fields import (
 )
 from ..channel_logging.metric_capture import ChannelMetricsError, all_reduce_totals, dp_cp_group
 from ..channel_logging.windows import ChannelStats
-from ..channel_logging.wrappers import ChannelLoggingState, check_iteration_line_seen, wrap_print_rank_last
+from ..channel_logging.wrappers import (
+    ChannelLoggingState,
+    check_iteration_line_seen,
+    wrap_print_rank_last,
+    write_scalars,
+)
 from ..megatron_internals.patches import Patch, apply_patch, find_patch
 from ..megatron_internals.releases import MegatronInternalsError
-from ..names import VS_SAMPLES
 from .forward_step import ChannelForwardStep
 from .internals import PRINTING_MODULES
 
@@ -137,7 +141,8 @@ class ChannelCallback(Callback):
         if iteration % logger_config.tensorboard_log_interval == 0:
             report = accountant.tensorboard_report()
             if report is not None:
-                self._write(state, train_scalars(report, self.config), iteration, consumed)
+                write_scalars(state.tensorboard_logger, state.wandb_logger, train_scalars(report, self.config),
+                              iteration, samples=consumed, vs_samples_keys=set(self.config.metric_keys()))
 
     # ------------------------------------------------------------------ evaluation
     def on_eval_start(self, context) -> None:
@@ -175,8 +180,8 @@ class ChannelCallback(Callback):
         fields = validation_console_fields(stats, self.config)
         self._edit_next_line(is_validation_line, lambda line: line + fields)
         state = context.state
-        if state.tensorboard_logger is not None or state.wandb_logger is not None:
-            self._write(state, validation_scalars(stats, self.config), state.train_state.step)
+        write_scalars(state.tensorboard_logger, state.wandb_logger, validation_scalars(stats, self.config),
+                      state.train_state.step)
         self.logging.write_record(validation_record(stats, state.train_state.step, split=split,
                                                     consumed_samples=state.train_state.consumed_train_samples))
 
@@ -202,17 +207,6 @@ class ChannelCallback(Callback):
             check_iteration_line_seen(self.logging, self._awaiting_line[0], True)
         self._awaiting_line = []
         self.logging.print_edit = None
-
-    def _write(self, state, scalars: dict[str, float], iteration: int, consumed: int | None = None) -> None:
-        writer, wandb = state.tensorboard_logger, state.wandb_logger
-        loss_keys = set(self.config.metric_keys())
-        if writer is not None:
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, iteration)
-                if consumed is not None and name in loss_keys:
-                    writer.add_scalar(name + VS_SAMPLES, value, consumed)
-        if wandb is not None and scalars:
-            wandb.log(dict(scalars), iteration)
 
 
 def _samples_per_iteration(cfg) -> int:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..channel_logging.metric_capture import split_channel_metrics
 from ..config import ChannelConfig
+from ..data.tagged import blend_component_paths, component_channel_ids
 from ..settings import ChannelSettings
 from ..step.checks import ChannelBatchError, check_channel_ids
 from ..step.loss import channel_loss_func
@@ -24,19 +25,14 @@ def blend_tables(settings: ChannelSettings, dataset_config) -> dict[str, Tensor 
     or the channels do not come from it. Errors name the component and the flag."""
     if settings.from_blend is None:
         return dict.fromkeys(SPLITS)
-    blend = getattr(dataset_config, "blend", None)
-    per_split = getattr(dataset_config, "blend_per_split", None)
-    tables: dict[str, Tensor | None] = {}
-    for i, split in enumerate(SPLITS):
-        split_blend = blend if blend is not None else (per_split[i] if per_split else None)
-        tables[split] = None if split_blend is None else torch.tensor(
-            settings.blend_channel_ids(list(split_blend[0])), dtype=torch.long)
-    if all(table is None for table in tables.values()):
+    ids = component_channel_ids(blend_component_paths(dataset_config), settings.blend_channel_ids)
+    if all(split_ids is None for split_ids in ids):
         raise ValueError(
             "channels_from_blend is set, but Bridge's dataset config has no blend (cfg.dataset.blend or "
             "blend_per_split, made from data_path): give data_path, or name channels in a 'channels' batch field"
         )
-    return tables
+    return {split: None if split_ids is None else torch.tensor(split_ids, dtype=torch.long)
+            for split, split_ids in zip(SPLITS, ids)}
 
 
 class _RecordingIterator:

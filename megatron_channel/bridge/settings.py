@@ -31,8 +31,6 @@ def channel_settings_for_bridge(cfg, settings: Mapping[str, Any] | str | Any = N
     if twice:
         raise ValueError(f"channel settings {twice} are given twice (in settings and as keywords); give each once")
     merged.update(keys)
-    if merged.get("channels_from_blend") == []:  # the bare flag: channels named after the blend paths
-        merged["channels_from_blend"] = True
     paths = _blend_paths(cfg.dataset)
     args = SimpleNamespace(**merged, yaml_cfg=None, data_path=paths, train_data_path=None, valid_data_path=None,
                            test_data_path=None, data_args_path=None, per_split_data_args_path=None,

@@ -18,7 +18,7 @@ from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
 from torch.utils.data import Dataset
 
 from ..data.sft import sft_dataset_class
-from ..data.tagged import blend_component_paths, tag_datasets
+from ..data.tagged import blend_component_paths, component_channel_ids, tag_datasets
 from ..settings import ChannelSettings
 
 SFT_TOKENIZER_LIBRARY = "sft"
@@ -104,8 +104,7 @@ class ChannelSFTDatasetConfig(DatasetProvider):
             lambda: True,  # Bridge reads data on every rank
             config,
         ).build()
-        component_ids = [None if paths is None else (settings.blend_channel_ids(paths) if settings.from_blend
-                                                     else [None] * len(paths))
-                         for paths in blend_component_paths(config)]
+        component_ids = component_channel_ids(blend_component_paths(config),
+                                              settings.blend_channel_ids if settings.from_blend else None)
         tagged = tag_datasets(datasets, component_ids, channel_id=settings.channel_id)
         return tuple(None if d is None else BridgePackedRows(d) for d in tagged)

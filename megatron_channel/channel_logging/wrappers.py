@@ -106,16 +106,16 @@ class ChannelLoggingState:
         self.accountant = ChannelAccountant(self.config)
 
     def write_record(self, record: Record) -> None:
-        if self.jsonl_path is not None and _is_last_rank():
+        if self.jsonl_path is not None and is_last_rank():
             append_jsonl(self.jsonl_path, record)
 
     def warn_once(self, what: str, message: str) -> None:
-        if what not in self.warned and _is_last_rank():
+        if what not in self.warned and is_last_rank():
             self.warned.add(what)
             warnings.warn(message, ChannelLoggingWarning, stacklevel=3)
 
 
-def _is_last_rank() -> bool:
+def is_last_rank() -> bool:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return True
@@ -233,8 +233,9 @@ def wrap_training_log(original: Callable, state: ChannelLoggingState, module) ->
         if iteration % margs.tensorboard_log_interval == 0:
             report = state.accountant.tensorboard_report()
             if report is not None:
-                _write_scalars(module, train_scalars(report, state.config), iteration, margs, vs_samples=True,
-                               loss_keys=set(state.config.metric_keys()))
+                write_scalars(module.get_tensorboard_writer(), module.get_wandb_writer(),
+                              train_scalars(report, state.config), iteration, samples=margs.consumed_train_samples,
+                              vs_samples_keys=set(state.config.metric_keys()))
         if state.mixture is not None:
             state.mixture.after_iteration(iteration, totals, margs)
         return result
@@ -258,16 +259,17 @@ def check_iteration_line_seen(state: ChannelLoggingState, seen: bool, interval_e
             )
 
 
-def _write_scalars(module, scalars: dict[str, float], iteration: int, margs, *, vs_samples=False, loss_keys=()):
-    writer = module.get_tensorboard_writer()
-    wandb_writer = module.get_wandb_writer()
+def write_scalars(writer, wandb_writer, scalars: dict[str, float], step: int, *, samples: int | None = None,
+                  vs_samples_keys=()) -> None:
+    """``scalars`` at ``step`` to a TensorBoard writer and a W&B run (either may be None); the names
+    in ``vs_samples_keys`` also as ``<name> vs samples`` at ``samples``, as Megatron logs ``lm loss``."""
     if writer:
         for name, value in scalars.items():
-            writer.add_scalar(name, value, iteration)
-            if vs_samples and name in loss_keys:
-                writer.add_scalar(name + VS_SAMPLES, value, margs.consumed_train_samples)
+            writer.add_scalar(name, value, step)
+            if samples is not None and name in vs_samples_keys:
+                writer.add_scalar(name + VS_SAMPLES, value, samples)
     if wandb_writer and scalars:
-        wandb_writer.log(dict(scalars), iteration)
+        wandb_writer.log(dict(scalars), step)
 
 
 def wrap_evaluate(original: Callable, state: ChannelLoggingState) -> Callable:
@@ -341,7 +343,8 @@ def wrap_evaluate_and_print_results(original: Callable, state: ChannelLoggingSta
         split = "test" if str(bound.arguments["prefix"]).endswith(TEST_SET_PREFIX_END) else "validation"
         for stats, suffix in zip(evals, validation_suffixes(margs, len(evals))):
             if bound.arguments["write_to_tensorboard"]:
-                _write_scalars(module, validation_scalars(stats, state.config, suffix), iteration, margs)
+                write_scalars(module.get_tensorboard_writer(), module.get_wandb_writer(),
+                              validation_scalars(stats, state.config, suffix), iteration)
             state.write_record(validation_record(
                 stats, iteration, split=split, set_suffix=suffix,
                 consumed_samples=getattr(margs, "consumed_train_samples", None),

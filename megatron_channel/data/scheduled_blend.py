@@ -55,10 +55,6 @@ class MixtureSchedule:
         self.weights[0] = torch.from_numpy(weights)
         self.num_rows[0] = 1
 
-    def rows(self) -> list[tuple[int, list[float], list[int]]]:
-        n = int(self.num_rows[0])
-        return [(int(self.starts[r]), self.weights[r].tolist(), self.offsets[r].tolist()) for r in range(n)]
-
     def append(self, start: int, weights) -> None:
         """A new row from ``start`` on (at or past the horizon and the last row's start)."""
         n = int(self.num_rows[0])
@@ -83,15 +79,6 @@ class MixtureSchedule:
         """Components whose next sample (the last row's offset) is past their ``lengths``."""
         n = int(self.num_rows[0])
         return [c for c, (offset, length) in enumerate(zip(self.offsets[n - 1].tolist(), lengths)) if offset >= length]
-
-    def restore(self, rows: list[tuple[int, list[float], list[int]]], horizon: int) -> None:
-        """Put saved rows back (``rows()`` of the run that saved them)."""
-        for r, (start, weights, offsets) in enumerate(rows):
-            self.starts[r] = start
-            self.weights[r] = torch.tensor(weights, dtype=torch.float64)
-            self.offsets[r] = torch.tensor(offsets, dtype=torch.int64)
-        self.num_rows[0] = len(rows)
-        self.horizon[0] = horizon
 
 
 def normalized(weights) -> np.ndarray:

@@ -206,6 +206,16 @@ def blend_component_paths(config: BlendedMegatronDatasetConfig) -> list[list[str
     return [None for _ in SPLIT_NAMES]
 
 
+def component_channel_ids(paths_per_split: Sequence[Sequence[str] | None],
+                          blend_channel_ids: Callable[[list[str]], list[int]] | None = None) -> list:
+    """Per split (``blend_component_paths``), the channel id of each blend component for
+    ``tag_datasets``: ``blend_channel_ids(paths)`` when the channels come from the blend, else
+    ``None`` for each component (SFT lines name their own channel; other samples get the untracked
+    policy); ``None`` for a split without a blend."""
+    return [None if paths is None else (blend_channel_ids(list(paths)) if blend_channel_ids else [None] * len(paths))
+            for paths in paths_per_split]
+
+
 def tag_datasets(datasets: Sequence, component_channel_ids: Sequence[Sequence[int | None] | None],
                  channel_id: ChannelIdFn | None = None) -> list:
     """Wrap the ``[train, valid, test]`` datasets a ``BlendedMegatronDatasetBuilder`` returns.

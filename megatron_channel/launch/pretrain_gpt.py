@@ -25,13 +25,13 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 
 from ..channel_logging.install import install_channel_logging
 from ..data.sft import sft_dataset_class
-from ..data.tagged import blend_component_paths, tag_datasets
+from ..data.tagged import blend_component_paths, component_channel_ids, tag_datasets
 from ..megatron_internals.launch import model_config, parse_megatron_args, run_pretrain
 from ..megatron_internals.patches import log_patches_to_stderr
 from ..megatron_internals.releases import release_for
 from ..mixture.runtime import MixtureRuntime, install_mixture_runtime
 from ..mixture.settings import add_mixture_args, check_blend_for_mixture, mixture_settings_from_args
-from ..settings import ChannelSettings, add_channel_args, channel_settings_from_args
+from ..settings import ChannelSettings, add_channel_args, channel_settings_from_args, training_blend
 from ..step.forward_step import make_forward_step
 from ..step.layout import rows_are_packed
 from ..step.loss import stock_loss_func
@@ -123,16 +123,10 @@ def build_datasets(args, settings: ChannelSettings, tokenizer, train_val_test_nu
     if mixture is not None and mixture.settings.apply and datasets[0] is not None:
         datasets[0] = mixture.train_dataset(datasets[0], consumed_samples=args.consumed_train_samples,
                                             capacity=args.train_iters // mixture.settings.interval + 2)
-    component_ids = []
-    for paths in blend_component_paths(config):
-        if paths is None:
-            component_ids.append(None if not args.mock_data else [None])
-        elif settings.from_blend:
-            component_ids.append(settings.blend_channel_ids(paths))
-        else:
-            # No channel per component: SFT lines name their own; other samples get the
-            # untracked policy (which may stop the run with an error naming the flag).
-            component_ids.append([None] * len(paths))
+    component_ids = component_channel_ids(blend_component_paths(config),
+                                          settings.blend_channel_ids if settings.from_blend else None)
+    if args.mock_data:  # one mock dataset per split, without a blend
+        component_ids = [[None] if ids is None else ids for ids in component_ids]
     return tag_datasets(datasets, component_ids, channel_id=settings.channel_id)
 
 
@@ -271,16 +265,12 @@ def mixture_runtime(args, settings: ChannelSettings) -> MixtureRuntime | None:
         return None
     if getattr(args, "disable_channel_loss", False):
         raise ValueError("--channel-mixture needs the channel losses: drop --disable-channel-loss")
-    from megatron.training.utils import get_blend_and_blend_per_split
-
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
-    train_blend = blend if blend is not None else (blend_per_split[0] if blend_per_split else None)
-    paths = None if train_blend is None else list(train_blend[0])
-    component_channels = check_blend_for_mixture(args, settings, paths)
-    if train_blend[1] is None:
+    blend = training_blend(args)
+    component_channels = check_blend_for_mixture(args, settings, None if blend is None else blend[0])
+    if blend[1] is None:
         raise ValueError("--channel-mixture starts from the blend's weights: give them in --data-path "
                          "(W1 P1 W2 P2 ...); without weights Megatron weighs components by their size")
-    return MixtureRuntime(mixture, settings.names, component_channels, train_blend[1], args.global_batch_size)
+    return MixtureRuntime(mixture, settings.names, component_channels, blend[1], args.global_batch_size)
 
 
 def finish_run() -> None:

@@ -47,7 +47,9 @@ class MixtureController:
         return [s / t if t > 0 else None for s, t in self.window]
 
     def decide(self) -> tuple[np.ndarray, dict] | None:
-        """The new weights and what they came from; None when the signal has nothing new."""
+        """The new weights and what they came from (``{"loss": [K], "score": [K]}``, the score being
+        the policy's: loss decrease per token, or excess over the target); None when the signal has
+        nothing new."""
         settings, losses = self.settings, self.signal()
         self.window[:] = 0
         if settings.signal == "validation":
@@ -63,11 +65,11 @@ class MixtureController:
                                                   step=settings.step)
             if not progress.any():  # no channel has two points yet, or none learns: keep the weights
                 return None
-            detail = {"loss": losses, "progress_per_token": progress.tolist()}
+            detail = {"loss": losses, "score": progress.tolist()}  # loss decrease per token
         elif settings.policy == TARGET_LOSS:
             weights, excess = target_loss(losses, settings.targets, self.weights, eta=settings.eta,
                                           min_share=settings.min_share)
-            detail = {"loss": losses, "excess": excess.tolist()}
+            detail = {"loss": losses, "score": excess.tolist()}  # excess over the target
         else:
             raise ValueError(f"{SCHEDULE} has no feedback; its rows are given up front")
         self.weights = weights

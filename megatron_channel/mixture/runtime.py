@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..channel_logging.jsonl_schema import MixtureChannel, MixtureRecord, append_jsonl
+from ..channel_logging.wrappers import is_last_rank, write_scalars
 from ..data.scheduled_blend import MixtureSchedule, ScheduledBlendedDataset
 from .controller import MixtureController
 from .policies import SCHEDULE
@@ -39,9 +40,11 @@ def sidecar_path(directory: str, iteration: int) -> str:
     return os.path.join(directory, SIDECAR_DIR, f"iter_{iteration:07d}.json")
 
 
-def _is_last_rank() -> bool:
-    dist = torch.distributed
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+def _collective_device():
+    """Where a tensor handed to a collective must live: the GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class MixtureRuntime:
@@ -88,7 +91,7 @@ class MixtureRuntime:
         if load_dir and iteration > 0:
             self.load(load_dir, iteration)
         self._ranks_agree()
-        if _is_last_rank() and torch.distributed.is_initialized():
+        if is_last_rank() and torch.distributed.is_initialized():
             print(f" channel mixture: {len(self.rows)} schedule row(s) at start-up |"
                   f" same rows on all {torch.distributed.get_world_size()} ranks |", flush=True)
 
@@ -137,7 +140,7 @@ class MixtureRuntime:
         k = len(self.names)
         message = torch.zeros(k + 1 + 2 * k, dtype=torch.float64)
         decision = None
-        if _is_last_rank():
+        if is_last_rank():
             if self._window is not None:
                 self.controller.add_train_totals(self._window.cpu().numpy())
             decision = self.controller.decide()
@@ -147,13 +150,11 @@ class MixtureRuntime:
                 weights, detail = decision
                 message[0] = 1.0
                 message[1:k + 1] = torch.from_numpy(weights)
-                message[k + 1:] = torch.tensor([np.nan if v is None else v for v in detail["loss"]]
-                                               + list(detail.get("progress_per_token", detail.get("excess"))))
+                message[k + 1:] = torch.tensor([np.nan if v is None else v for v in detail["loss"]] + detail["score"])
         self._window = None
         dist = torch.distributed
         if dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            on_device = message.to(device)
+            on_device = message.to(_collective_device())
             dist.broadcast(on_device, src=dist.get_world_size() - 1)
             message = on_device.cpu()
         if message[0] == 2.0:
@@ -191,7 +192,7 @@ class MixtureRuntime:
 
     def _write(self, record: MixtureRecord, margs, check: bool = False) -> None:
         agree = self._ranks_agree() if check else None
-        if not _is_last_rank():
+        if not is_last_rank():
             return
         if self.jsonl_path:
             append_jsonl(self.jsonl_path, record)
@@ -204,21 +205,15 @@ class MixtureRuntime:
         from ..megatron_internals.loop import training_module
 
         module = training_module()
-        scalars = {MIXTURE_WEIGHT + name: c.weight for name, c in record.channels.items()}
-        writer, wandb = module.get_tensorboard_writer(), module.get_wandb_writer()
-        if writer:
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, record.iteration)
-        if wandb:
-            wandb.log(scalars, record.iteration)
+        write_scalars(module.get_tensorboard_writer(), module.get_wandb_writer(),
+                      {MIXTURE_WEIGHT + name: c.weight for name, c in record.channels.items()}, record.iteration)
 
     def _ranks_agree(self) -> bool | None:
         dist = torch.distributed
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return True
         digest = torch.tensor([self.rows_digest(), -self.rows_digest()], dtype=torch.int64)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        on_device = digest.to(device)
+        on_device = digest.to(_collective_device())
         dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
         high, negative_low = on_device.cpu().tolist()
         if high != -negative_low:
@@ -227,7 +222,7 @@ class MixtureRuntime:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str, iteration: int) -> None:
-        if not _is_last_rank():
+        if not is_last_rank():
             return
         path = sidecar_path(directory, iteration)
         os.makedirs(os.path.dirname(path), exist_ok=True)

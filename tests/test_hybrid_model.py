@@ -13,7 +13,7 @@ import torch
 
 from megatron_channel import BatchLayout, ChannelConfig, make_forward_step
 from megatron_channel.step.loss import stock_loss_func
-from megatron_testing import init_parallel, run_distributed, tiny_hybrid
+from megatron_testing import init_parallel, random_packed_row, run_distributed, tiny_hybrid
 
 pytest.importorskip("megatron.core.models.hybrid.hybrid_model", reason="HybridModel: megatron-core 0.18 on")
 
@@ -36,24 +36,16 @@ def build_hybrid(tp: int = 1, seed: int = 7, pattern: str = "*-*-"):
 
 
 def batch_of(seed: int, packed: bool):
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
     if packed:
-        cut = sorted(rng.sample(range(1, S), 3))
-        cu = [0, *cut, S, S]
-        positions = [t - max(c for c in cu if c <= t) for t in range(S)]
-        return dict(tokens=torch.randint(0, VOCAB, (1, S), generator=gen),
-                    labels=torch.randint(0, VOCAB, (1, S), generator=gen),
-                    loss_mask=(torch.rand(1, S, generator=gen) > 0.25).float(),
-                    position_ids=torch.tensor([positions]), cu_seqlens=torch.tensor([cu], dtype=torch.int32),
-                    channels=torch.tensor([rng.choices([0, 1, 2, -1], k=len(cu) - 1)]))
+        return random_packed_row(seed, S, VOCAB, masked_share=0.25)
+    gen = torch.Generator().manual_seed(seed)
     rows = 3
     return dict(tokens=torch.randint(0, VOCAB, (rows, S), generator=gen),
                 labels=torch.randint(0, VOCAB, (rows, S), generator=gen),
                 loss_mask=(torch.rand(rows, S, generator=gen) > 0.25).float(),
                 position_ids=torch.arange(S).expand(rows, S),
                 attention_mask=torch.triu(torch.ones(S, S, dtype=torch.bool), 1)[None, None],
-                channels=torch.tensor(rng.choices([0, 1, 2, -1], k=rows)))
+                channels=torch.tensor(random.Random(seed).choices([0, 1, 2, -1], k=rows)))
 
 
 def pieces(batch):

@@ -27,7 +27,14 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_channel import BatchLayout, ChannelConfig, channel_loss_func, make_forward_step
 from megatron_channel.segment_math import thd_partition_index
 from megatron_channel.step.token_accuracy import target_is_argmax
-from megatron_testing import PackedAsBlockMask, block_causal_mask, init_parallel, run_distributed, tiny_gpt
+from megatron_testing import (
+    PackedAsBlockMask,
+    block_causal_mask,
+    init_parallel,
+    random_packed_row,
+    run_distributed,
+    tiny_gpt,
+)
 
 VOCAB, S = 64, 16
 CONFIG = ChannelConfig(["math", "code", "chat"], token_accuracy=True)
@@ -142,16 +149,7 @@ def unpacked_batch(seed: int):
 
 
 def packed_batch(seed: int):
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    cuts = sorted(rng.sample(range(1, S), 3))
-    cu = [0, *cuts, S, S]
-    positions = [t - max(c for c in cu if c <= t) for t in range(S)]
-    return dict(tokens=torch.randint(0, VOCAB, (1, S), generator=gen),
-                labels=torch.randint(0, VOCAB, (1, S), generator=gen),
-                loss_mask=(torch.rand(1, S, generator=gen) > 0.2).float(),
-                position_ids=torch.tensor([positions]), cu_seqlens=torch.tensor([cu], dtype=torch.int32),
-                channels=torch.tensor([rng.choices([0, 1, 2, -1], k=len(cu) - 1)]))
+    return random_packed_row(seed, S, VOCAB, masked_share=0.2)
 
 
 def segments_of(batch):

@@ -218,3 +218,21 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0) -> list:
                 p.join()
         shutil.rmtree(store_dir, ignore_errors=True)
     return [results[r] for r in range(world_size)]
+
+
+def random_packed_row(seed: int, seq_length: int, vocab_size: int, masked_share: float) -> dict:
+    """One packed row of 4 sequences (random cuts, then a zero-length padding slot): random tokens
+    and labels, about ``masked_share`` of the tokens out of the loss, a channel in {0, 1, 2, -1}
+    per sequence. ``[1, seq_length]`` fields, ``cu_seqlens`` ``[1, 6]`` int32."""
+    import random
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cuts = sorted(rng.sample(range(1, seq_length), 3))
+    cu = [0, *cuts, seq_length, seq_length]
+    positions = [t - max(c for c in cu if c <= t) for t in range(seq_length)]
+    return dict(tokens=torch.randint(0, vocab_size, (1, seq_length), generator=gen),
+                labels=torch.randint(0, vocab_size, (1, seq_length), generator=gen),
+                loss_mask=(torch.rand(1, seq_length, generator=gen) > masked_share).float(),
+                position_ids=torch.tensor([positions]), cu_seqlens=torch.tensor([cu], dtype=torch.int32),
+                channels=torch.tensor([rng.choices([0, 1, 2, -1], k=len(cu) - 1)]))
